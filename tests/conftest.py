@@ -1,0 +1,6 @@
+"""Make the test helpers importable (``from harness import ...``)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))

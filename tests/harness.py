@@ -1,0 +1,197 @@
+"""Test harness: real ``twistd -n wsgate`` processes, raw sockets, certificates.
+
+A gateway under test listens on port 0 and logs JSON; :class:`GatewayProcess`
+reads the ``wsgate.listening`` events to learn the real ports, so tests never
+guess a free port.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+
+
+def run(coro):
+    """Run an asyncio coroutine from a plain pytest test."""
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class GatewayProcess:
+    """A ``twistd -n wsgate`` subprocess with its log lines collected."""
+
+    def __init__(self, config_path, env=None):
+        self.config_path = config_path
+        self.lines = []
+        self.events = []
+        self.stderr = ""
+        self._listening = {}
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "wsgate", "--config", str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=os.path.dirname(str(config_path)))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            with self._cond:
+                self.lines.append(line)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    self.events.append(event)
+                    if event.get("event") == "wsgate.listening":
+                        self._listening[event["listener"]] = event
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _read_err(self):
+        data = self.proc.stderr.read()
+        self.stderr = data.decode("utf-8", "replace")
+
+    def wait_listening(self, names=("main",), timeout=20):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(name in self._listening for name in names):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.proc.poll() is not None:
+                    self._err_reader.join(2)
+                    raise AssertionError(
+                        "gateway did not start:\n" + "".join(self.lines) + self.stderr)
+                self._cond.wait(min(remaining, 0.2))
+        return self
+
+    def port(self, name="main"):
+        return self._listening[name]["port"]
+
+    def url(self, path, name="main", scheme="ws"):
+        return f"{scheme}://127.0.0.1:{self.port(name)}{path}"
+
+    def wait_event(self, predicate, timeout=10):
+        """Wait for a JSON log event matching *predicate*; return it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("no such event in:\n" + "".join(self.lines))
+                self._cond.wait(min(remaining, 0.2))
+
+    def events_named(self, name):
+        with self._cond:
+            return [event for event in self.events if event.get("event") == name]
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        self._err_reader.join(5)
+        return self.proc.returncode
+
+
+def write_config(directory, text, name="wsgate.ini"):
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BASE_CONFIG = """
+[wsgate]
+node_id = test-node
+log_format = json
+
+[listen:main]
+endpoint = tcp:0:interface=127.0.0.1
+"""
+
+
+def start_gateway(directory, extra, listeners=("main",), base=BASE_CONFIG, env=None):
+    path = write_config(directory, textwrap.dedent(base) + textwrap.dedent(extra))
+    return GatewayProcess(path, env=env).wait_listening(listeners)
+
+
+def run_twistd_expecting_failure(config_path, timeout=20):
+    """Run a gateway that must refuse to start; return (exit code, stderr, stdout)."""
+    proc = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "wsgate", "--config", str(config_path)],
+        capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        cwd=os.path.dirname(str(config_path)))
+    return proc.returncode, proc.stderr.decode(), proc.stdout.decode()
+
+
+# ----------------------------------------------------------------- raw HTTP
+
+
+def raw_request(port, request, host="127.0.0.1", timeout=5):
+    """Send raw bytes, return everything the server sent until it closed."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_until_closed(sock):
+    """Everything *sock* receives until the peer closes (a reset counts as closed)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def upgrade_request(path, host="127.0.0.1", extra=b"", version=b"13", method=b"GET"):
+    return (method + b" " + path.encode() + b" HTTP/1.1\r\n"
+            b"Host: " + host.encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: " + version + b"\r\n" + extra + b"\r\n")
+
+
+def parse_response(data):
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body

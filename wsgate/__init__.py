@@ -1,0 +1,3 @@
+"""wsgate: a WebSocket gateway on Twisted and Autobahn."""
+
+__version__ = "0.1.0"

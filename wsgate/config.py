@@ -1,0 +1,347 @@
+"""The INI config file → frozen, validated settings.
+
+Everything downstream reads these dataclasses, never raw strings. Every error
+is a :class:`ConfigError` whose text names the file, the section, the key and
+what was expected, so start-up can print it as one line and exit 1.
+"""
+
+import configparser
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+from wsgate import units
+from wsgate.routing import HostPattern, PathPattern
+
+
+class ConfigError(Exception):
+    """A config problem, printed as ``<file>: [section] key: message``."""
+
+    def __init__(self, path, section, key, message):
+        self.path, self.section, self.key, self.message = path, section, key, message
+        where = f"[{section}]" if section else ""
+        if key:
+            where += f" {key}"
+        super().__init__(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """``[wsgate]``: process-wide settings."""
+
+    node_id: str
+    log_format: str = "text"
+    max_connections: int = 50000
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """``[listen:NAME]``: one listening endpoint and its per-connection limits."""
+
+    name: str
+    endpoint: str
+    tls: object = field(default=None, compare=False, repr=False)  # wsgate.tls.ServerTLS
+    handshake_timeout: float = 10.0
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    max_message_size: int = 1024 * 1024
+    max_frame_size: int = 1024 * 1024
+    compression: bool = False
+
+    @property
+    def is_tls(self):
+        return self.tls is not None or self.endpoint.split(":", 1)[0] in ("ssl", "tls")
+
+
+@dataclass(frozen=True)
+class EchoTarget:
+    """Terminate the WebSocket and send every message back."""
+
+    kind = "echo"
+
+    def describe(self):
+        return "echo"
+
+
+@dataclass(frozen=True)
+class BroadcastTarget:
+    """Terminate the WebSocket and join a pub/sub channel named by *channel* (a template)."""
+
+    channel: str
+    client_publish: bool = True
+    include_sender: bool = False
+    kind = "broadcast"
+
+    def channel_for(self, params):
+        return _fill_template(self.channel, params)
+
+    def describe(self):
+        return f"broadcast {self.channel}"
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """``[route:NAME]``: which requests it takes and what serves them."""
+
+    name: str
+    host: HostPattern
+    path: PathPattern
+    target: object
+    listeners: tuple = None  # None: every listener
+    max_message_size: int = None  # None: the listener's
+    idle_timeout: float = None  # None: the listener's
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated config file."""
+
+    path: str
+    core: CoreSettings
+    listeners: tuple
+    routes: tuple
+
+
+# --------------------------------------------------------------------------- loading
+
+_REQUIRED = object()
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class _Section:
+    """Hands out a section's keys one by one and complains about leftovers."""
+
+    def __init__(self, path, name, items):
+        self.path, self.name = path, name
+        self.items = dict(items)
+        self.used = set()
+
+    def error(self, key, message):
+        return ConfigError(self.path, self.name, key, message)
+
+    def has(self, key):
+        return key in self.items
+
+    def take(self, key, parse=str, default=_REQUIRED):
+        self.used.add(key)
+        if key not in self.items:
+            if default is _REQUIRED:
+                raise self.error(key, "is required")
+            return default
+        raw = self.items[key]
+        try:
+            return parse(raw)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def finish(self):
+        unknown = sorted(set(self.items) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise self.error(unknown[0], f"unknown key (this section takes: {known})")
+
+
+def _choice(*options):
+    def parse(text):
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+    return parse
+
+
+def _non_empty(text):
+    text = text.strip()
+    if not text:
+        raise ValueError("expected a value, got nothing")
+    return text
+
+
+def _fill_template(template, params):
+    return _PLACEHOLDER.sub(lambda m: params[m.group(1)], template)
+
+
+def load(path):
+    """Read and validate the config file at *path*; raise :class:`ConfigError`."""
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="\0", strict=True, empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read the config file: {e.strerror}")
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "expected a UTF-8 text file")
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, f"section appears twice (line {e.lineno})")
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, f"key appears twice (line {e.lineno})")
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, None, None, f"line {e.lineno}: expected a [section] first")
+    except configparser.ParsingError as e:
+        lineno = e.errors[0][0] if e.errors else "?"
+        raise ConfigError(path, None, None, f"line {lineno}: expected 'key = value'")
+    return _build(path, parser)
+
+
+def _build(path, parser):
+    base = os.path.dirname(os.path.abspath(path))
+    core = None
+    listeners, routes = [], []
+    for name in parser.sections():
+        section = _Section(path, name, parser.items(name))
+        kind, _, label = name.partition(":")
+        if name == "wsgate":
+            core = _core(section)
+        elif kind == "listen" and label:
+            listeners.append(_listener(section, label, base))
+        elif kind == "route" and label:
+            routes.append(section)  # needs the listeners; built below
+        else:
+            raise ConfigError(
+                path, name, None,
+                "unknown section (expected [wsgate], [listen:NAME] or [route:NAME])")
+        section_done = section if kind != "route" else None
+        if section_done is not None:
+            section_done.finish()
+    if core is None:
+        core = CoreSettings(node_id=socket.gethostname())
+    if not listeners:
+        raise ConfigError(path, "listen:NAME", None, "at least one listener is required")
+    listener_names = tuple(listener.name for listener in listeners)
+    built_routes = []
+    for section in routes:
+        built_routes.append(_route(section, section.name.partition(":")[2], listener_names))
+        section.finish()
+    return Config(path, core, tuple(listeners), tuple(built_routes))
+
+
+def _core(section):
+    return CoreSettings(
+        node_id=section.take("node_id", _non_empty, socket.gethostname()),
+        log_format=section.take("log_format", _choice("text", "json"), "text"),
+        max_connections=section.take("max_connections", units.parse_positive_int, 50000),
+    )
+
+
+def _listener(section, name, base):
+    from wsgate import tls  # pyOpenSSL; imported when a config is actually loaded
+
+    endpoint = section.take("endpoint", _non_empty)
+    _check_endpoint(section, endpoint)
+    cert = section.take("tls_cert", _non_empty, None)
+    key = section.take("tls_key", _non_empty, None)
+    sni_dir = section.take("tls_sni_dir", _non_empty, None)
+    min_version = section.take("tls_min_version", _choice("1.2", "1.3"), "1.2")
+    scheme = endpoint.split(":", 1)[0]
+    server_tls = None
+    if cert or key or sni_dir:
+        if scheme in ("ssl", "tls"):
+            raise section.error(
+                "tls_cert", f"a {scheme}: endpoint already does TLS; use a tcp: endpoint "
+                "with tls_cert, or the endpoint's own certKey/privateKey, not both")
+        if scheme == "unix":
+            raise section.error("tls_cert", "expected a tcp: or haproxy:tcp: endpoint for TLS")
+        if not cert:
+            raise section.error("tls_cert", "is required with tls_key or tls_sni_dir")
+        try:
+            server_tls = tls.ServerTLS.load(
+                _resolve(base, cert), _resolve(base, key) if key else None,
+                _resolve(base, sni_dir) if sni_dir else None, min_version)
+        except tls.TLSConfigError as e:
+            raise section.error(e.key, e.message) from None
+    max_message = section.take("max_message_size", units.parse_size, 1024 * 1024)
+    settings = ListenerSettings(
+        name=name,
+        endpoint=endpoint,
+        tls=server_tls,
+        handshake_timeout=section.take("handshake_timeout", _positive_duration, 10.0),
+        ping_interval=section.take("ping_interval", units.parse_duration, 30.0),
+        ping_timeout=section.take("ping_timeout", _positive_duration, 10.0),
+        idle_timeout=section.take("idle_timeout", units.parse_duration, 0.0),
+        max_message_size=max_message,
+        max_frame_size=section.take("max_frame_size", units.parse_size, max_message),
+        compression=section.take(
+            "compression", _choice("off", "permessage-deflate"), "off") != "off",
+    )
+    if max_message < 1:
+        raise section.error("max_message_size", "expected a size of at least 1 byte")
+    if settings.max_frame_size < 1:
+        raise section.error("max_frame_size", "expected a size of at least 1 byte")
+    return settings
+
+
+def _positive_duration(text):
+    value = units.parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"expected a duration above 0, got {text!r}")
+    return value
+
+
+def _resolve(base, path):
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _check_endpoint(section, endpoint):
+    """Refuse endpoint strings Twisted cannot parse, and ``haproxy:ssl:``."""
+    from twisted.internet import endpoints, reactor
+
+    scheme = endpoint.split(":", 1)[0]
+    if scheme == "haproxy" and endpoint.split(":")[1:2] in (["ssl"], ["tls"]):
+        raise section.error(
+            "endpoint", "haproxy:ssl: is not supported: use haproxy:tcp:... with tls_cert "
+            "(the PROXY header comes before the TLS handshake)")
+    try:
+        endpoints.serverFromString(reactor, endpoint)
+    except Exception as e:  # Twisted raises ValueError, KeyError, TypeError, ...
+        detail = str(e) or e.__class__.__name__
+        raise section.error(
+            "endpoint", f"expected a Twisted server endpoint such as "
+            f"tcp:8080:interface=127.0.0.1, got {endpoint!r} ({detail})") from None
+
+
+def _route(section, name, listener_names):
+    host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
+    path = section.take("path", PathPattern.parse)
+    listeners = section.take("listeners", units.parse_list, None)
+    if listeners is not None:
+        for listener in listeners:
+            if listener not in listener_names:
+                raise section.error(
+                    "listeners", f"unknown listener {listener!r} (known: "
+                    f"{', '.join(listener_names)})")
+    targets = [key for key in ("echo", "broadcast", "upstream") if section.has(key)]
+    if not targets:
+        raise section.error(None, "expected one target: echo = yes, broadcast = CHANNEL "
+                            "or upstream = URL")
+    if len(targets) > 1:
+        raise section.error(targets[1], f"a route has one target; {targets[0]} is set too")
+    kind = targets[0]
+    if kind == "echo":
+        if not section.take("echo", units.parse_bool):
+            raise section.error("echo", "expected yes (set another target to turn echo off)")
+        target = EchoTarget()
+    elif kind == "broadcast":
+        channel = section.take("broadcast", _non_empty)
+        for placeholder in _PLACEHOLDER.findall(channel):
+            if placeholder not in path.placeholders:
+                raise section.error(
+                    "broadcast", f"{{{placeholder}}} is not a placeholder of path "
+                    f"{path.text!r}")
+        target = BroadcastTarget(
+            channel=channel,
+            client_publish=section.take("client_publish", units.parse_bool, True),
+            include_sender=section.take("include_sender", units.parse_bool, False),
+        )
+    else:
+        raise section.error("upstream", "proxy routes are not supported by this version")
+    return RouteSettings(
+        name=name, host=host, path=path, target=target, listeners=listeners,
+        max_message_size=section.take("max_message_size", units.parse_size, None),
+        idle_timeout=section.take("idle_timeout", units.parse_duration, None),
+    )

@@ -1,0 +1,227 @@
+"""The upgrade pipeline: read the request head, decide, then answer or hand over.
+
+Every accepted TCP (or TLS, or PROXY-protocol) connection starts with a
+:class:`HandshakeProtocol`. It reads the HTTP request head under a size limit
+and the listener's ``handshake_timeout``, asks the :class:`Gateway` for a
+decision (route, limits; policies in a later step) and then either writes an
+HTTP refusal or hands the transport to the route's WebSocket protocol, which
+replays the buffered bytes. A request that fails any step never becomes a
+WebSocket.
+"""
+
+import secrets
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+
+from wsgate import http, observe
+from wsgate.terminated import build_terminated_protocol, make_websocket_factory
+
+_log = Logger()
+
+_MAX_BUFFER = 64 * 1024  # bytes held while a decision is pending (head + early frames)
+RETRY_AFTER_SECONDS = 5
+
+
+class Connection:
+    """The bookkeeping of one accepted WebSocket: who, where, since when, how much."""
+
+    __slots__ = ("conn_id", "route", "client", "identity", "since", "protocol",
+                 "messages_in", "messages_out", "bytes_in", "bytes_out")
+
+    def __init__(self, conn_id, route, client, since, identity=None):
+        self.conn_id, self.route, self.client = conn_id, route, client
+        self.since, self.identity = since, identity
+        self.protocol = None
+        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
+
+    def fields(self):
+        """The fields every event about this connection carries."""
+        return {"conn_id": self.conn_id, "route": self.route, "client": self.client,
+                "identity": self.identity}
+
+
+class Gateway:
+    """Process-wide state: the router, the broker, live connections and their limit."""
+
+    def __init__(self, config, router, broker, clock):
+        self.config = config
+        self.router = router
+        self.broker = broker
+        self.clock = clock
+        self.connections = {}
+        self._ws_factories = {}
+
+    @property
+    def node_id(self):
+        return self.config.core.node_id
+
+    def new_conn_id(self):
+        return secrets.token_hex(8)
+
+    def decide(self, head, listener):
+        """Route and validate an upgrade request; return the ``RouteMatch``.
+
+        Raises :class:`wsgate.http.HttpRefusal` with the contract's answer.
+        May later return a Deferred (policies); callers use ``maybeDeferred``.
+        """
+        match = self.router.route(head.host, head.path, listener.name)
+        if match is None:
+            raise http.HttpRefusal(404, "no_route", "No route for this host and path")
+        try:
+            http.check_websocket_upgrade(head)
+        except http.HttpRefusal as refusal:
+            refusal.route = match.route.name
+            raise
+        if len(self.connections) >= self.config.core.max_connections:
+            refusal = http.HttpRefusal(
+                503, "max_connections", "Too many connections, retry later",
+                [("Retry-After", str(RETRY_AFTER_SECONDS))])
+            refusal.route = match.route.name
+            raise refusal
+        return match
+
+    def register(self, connection):
+        self.connections[connection.conn_id] = connection
+
+    def unregister(self, connection):
+        self.connections.pop(connection.conn_id, None)
+
+    def websocket_factory(self, listener):
+        """The Autobahn factory holding *listener*'s protocol options (one per listener)."""
+        factory = self._ws_factories.get(listener.name)
+        if factory is None:
+            factory = make_websocket_factory(listener, self.clock)
+            self._ws_factories[listener.name] = factory
+        return factory
+
+
+class HandshakeProtocol(Protocol):
+    """Reads one upgrade request and turns it into a refusal or a hand-over."""
+
+    def __init__(self, gateway, listener):
+        self.gateway = gateway
+        self.listener = listener
+        self._buffer = b""
+        self._deciding = False
+        self._done = False
+        self._timer = None
+        self.client = None
+
+    def connectionMade(self):
+        self._timer = self.gateway.clock.callLater(
+            self.listener.handshake_timeout, self._timed_out)
+
+    def dataReceived(self, data):
+        if self._done:
+            return
+        self._buffer += data
+        if self._deciding:
+            if len(self._buffer) > _MAX_BUFFER:
+                self._abort()
+            return
+        end = http.find_head_end(self._buffer)
+        if end < 0:
+            if len(self._buffer) > http.MAX_HEAD_BYTES:
+                self._refuse(http.HttpRefusal(431, "bad_handshake", "Request head too large"))
+            return
+        # Read the peer only now: behind a PROXY-protocol wrapper it is known
+        # once the PROXY header has been parsed, before the HTTP head.
+        self.client = observe.format_address(self.transport.getPeer())
+        try:
+            head = http.parse_head(self._buffer[:end])
+        except http.HttpRefusal as refusal:
+            self._refuse(refusal)
+            return
+        self._deciding = True
+        d = defer.maybeDeferred(self.gateway.decide, head, self.listener)
+        d.addCallbacks(self._accept, self._refuse_failure, callbackArgs=(head,))
+        d.addErrback(self._internal_error)
+
+    def connectionLost(self, reason):
+        self._done = True
+        self._cancel_timer()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self):
+        self._timer = None
+        self._abort()
+
+    def _abort(self):
+        if not self._done:
+            self._done = True
+            self._cancel_timer()
+            self.transport.abortConnection()
+
+    def _refuse_failure(self, failure):
+        failure.trap(http.HttpRefusal)
+        self._refuse(failure.value)
+
+    def _internal_error(self, failure):
+        _log.failure("wsgate: a router or policy raised while deciding on {client}",
+                     failure=failure, client=self.client)
+        self._refuse(http.HttpRefusal(500, "internal_error", "Internal Server Error"))
+
+    def _refuse(self, refusal):
+        if self._done:
+            return
+        self._done = True
+        self._cancel_timer()
+        if self.client is None:
+            self.client = observe.format_address(self.transport.getPeer())
+        observe.emit(
+            "websocket.connection.rejected",
+            "rejected {client}: {status} ({reason})",
+            conn_id=None, route=getattr(refusal, "route", None), client=self.client,
+            identity=None, status=refusal.status, reason=refusal.reason,
+            policy=getattr(refusal, "policy", None))
+        self.transport.write(http.render_refusal(refusal))
+        self.transport.loseConnection()
+
+    def _accept(self, match, head):
+        if self._done:
+            return  # the client left or timed out while we were deciding
+        self._done = True
+        self._cancel_timer()
+        connection = Connection(
+            self.gateway.new_conn_id(), match.route.name, self.client,
+            self.gateway.clock.seconds())
+        protocol = build_terminated_protocol(self.gateway, self.listener, match, connection)
+        self._hand_over(protocol)
+
+    def _hand_over(self, protocol):
+        """Give the transport to *protocol* and replay what was read so far.
+
+        Same pattern as Autobahn's ``WebSocketResource``: a wrapping transport
+        (TLS, PROXY protocol) delivers to ``wrappedProtocol``, a plain one to
+        ``protocol``.
+        """
+        transport, buffered = self.transport, self._buffer
+        self.transport, self._buffer = None, b""
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(buffered)
+
+
+class GatewayFactory(Factory):
+    """Builds a :class:`HandshakeProtocol` for each connection on one listener."""
+
+    noisy = False
+
+    def __init__(self, gateway, listener):
+        self.gateway = gateway
+        self.listener = listener
+
+    def buildProtocol(self, addr):
+        protocol = HandshakeProtocol(self.gateway, self.listener)
+        protocol.factory = self
+        return protocol

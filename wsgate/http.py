@@ -1,0 +1,184 @@
+"""The HTTP/1.1 side of the upgrade: parse a request head, classify it, answer refusals.
+
+The gateway reads the request head itself (rather than letting Autobahn do
+it) so that routing, policies and limits decide *before* anything becomes a
+WebSocket, and every refusal carries the status and headers an operator
+expects (404, 405 + Allow, 426 + Upgrade, 503 + Retry-After, ...).
+"""
+
+import base64
+import binascii
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 100
+
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class HttpRefusal(Exception):
+    """A request that is answered with an HTTP error instead of a 101.
+
+    *reason* is a short label for logs and metrics (``no_route``,
+    ``bad_handshake``, ...); *body* goes to the client; *headers* are extra
+    response headers such as ``Retry-After``.
+    """
+
+    def __init__(self, status, reason, body=None, headers=()):
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.body = body if body is not None else _REASONS.get(status, "Error")
+        self.headers = tuple(headers)
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A parsed request head. Header names are lower-case; values keep their order."""
+
+    method: str
+    target: str
+    version: str
+    path: str
+    query: str
+    headers: tuple  # ((name, value), ...) in arrival order, names lower-case
+    raw: bytes
+
+    def get(self, name, default=None):
+        """The first value of header *name* (lower-case), or *default*."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name):
+        return [value for key, value in self.headers if key == name]
+
+    def tokens(self, name):
+        """The comma-separated tokens of every *name* header, lower-cased."""
+        return {
+            token.strip().lower()
+            for value in self.get_all(name) for token in value.split(",") if token.strip()
+        }
+
+    @property
+    def host(self):
+        return self.get("host", "")
+
+    @property
+    def wants_websocket(self):
+        return "websocket" in self.tokens("upgrade")
+
+
+def find_head_end(buffer):
+    """Index just past the blank line ending the head, or -1 if not there yet."""
+    end = buffer.find(b"\r\n\r\n")
+    return -1 if end < 0 else end + 4
+
+
+def parse_head(raw):
+    """Parse a complete request head (bytes up to and including the blank line).
+
+    Raises :class:`HttpRefusal` (400) for anything that is not a well-formed
+    HTTP/1.1 request head.
+    """
+    try:
+        text = raw.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
+        raise HttpRefusal(400, "bad_handshake")
+    lines = text[:-4].split("\r\n")
+    request_line = lines[0].split(" ")
+    if len(request_line) != 3:
+        raise HttpRefusal(400, "bad_handshake", "Malformed request line")
+    method, target, version = request_line
+    if not method or not set(method) <= _TOKEN_CHARS:
+        raise HttpRefusal(400, "bad_handshake", "Malformed request line")
+    if version != "HTTP/1.1":
+        raise HttpRefusal(400, "bad_handshake", "HTTP/1.1 required")
+    if not target.startswith("/"):
+        raise HttpRefusal(400, "bad_handshake", "Malformed request target")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpRefusal(431, "bad_handshake", "Too many header fields")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+            raise HttpRefusal(400, "bad_handshake", "Malformed header field")
+        if any(ch in value for ch in "\r\n\0"):
+            raise HttpRefusal(400, "bad_handshake", "Malformed header field")
+        headers.append((name.lower(), value.strip(" \t")))
+    split = urlsplit(target)
+    if split.fragment or "#" in target:
+        raise HttpRefusal(400, "bad_handshake", "Fragment in request target")
+    head = RequestHead(method, target, version, split.path, split.query, tuple(headers), raw)
+    if len(head.get_all("host")) != 1:
+        raise HttpRefusal(400, "bad_handshake", "Exactly one Host header required")
+    return head
+
+
+def check_websocket_upgrade(head):
+    """Validate the RFC 6455 parts of an upgrade request (after routing).
+
+    Raises :class:`HttpRefusal` with the answer the contract gives: 405 for
+    another method, 426 + ``Upgrade`` when the client did not ask to upgrade,
+    426 + ``Sec-WebSocket-Version: 13`` for another version, 400 otherwise.
+    """
+    if head.method != "GET":
+        raise HttpRefusal(405, "bad_handshake", "Method Not Allowed", [("Allow", "GET")])
+    if not head.wants_websocket:
+        raise HttpRefusal(
+            426, "bad_handshake", "Expected Upgrade: websocket",
+            [("Upgrade", "websocket"), ("Connection", "Upgrade, close")])
+    if "upgrade" not in head.tokens("connection"):
+        raise HttpRefusal(400, "bad_handshake", "Expected Connection: Upgrade")
+    versions = head.get_all("sec-websocket-version")
+    if len(versions) != 1 or versions[0].strip() != "13":
+        raise HttpRefusal(
+            426, "bad_handshake", "Unsupported WebSocket version",
+            [("Sec-WebSocket-Version", "13")])
+    keys = head.get_all("sec-websocket-key")
+    if len(keys) != 1 or not _valid_key(keys[0]):
+        raise HttpRefusal(400, "bad_handshake", "Missing or malformed Sec-WebSocket-Key")
+
+
+def _valid_key(key):
+    key = key.strip()
+    if len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def render_refusal(refusal):
+    """The bytes of a complete HTTP response for *refusal* (``Connection: close``)."""
+    body = (refusal.body + "\n").encode("utf-8")
+    lines = [
+        f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+    ]
+    extra = list(refusal.headers)
+    if not any(name.lower() == "connection" for name, _ in extra):
+        extra.append(("Connection", "close"))
+    lines.extend(f"{name}: {value}" for name, value in extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

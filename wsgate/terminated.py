@@ -1,0 +1,250 @@
+"""Routes the gateway terminates itself: echo and broadcast, on Autobahn.
+
+The Autobahn protocol class is thin: it turns WebSocket events into calls on a
+*session* (:class:`EchoSession`, :class:`BroadcastSession`), plain objects that
+hold the route's behaviour. Autobahn's defaults that a gateway does not want
+are overridden in :func:`make_websocket_factory` (see CONVENTIONS.md).
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from wsgate import http, observe
+from wsgate.interfaces import ISubscriber
+from wsgate.pubsub import Message
+
+_log = Logger()
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+def _accept_permessage_deflate(offers):
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+class _ReactorTimer:
+    """Autobahn's timer API on plain ``callLater``.
+
+    Autobahn schedules pings, ping timeouts and close timeouts on a txaio
+    "batched timer" that truncates every deadline down to a whole second, so a
+    1s ping_timeout can fire at once. A gateway needs the configured times.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def call_later(self, delay, func, *args, **kwargs):
+        return self.clock.callLater(delay, func, *args, **kwargs)
+
+
+def make_websocket_factory(listener, clock):
+    """An Autobahn server factory carrying *listener*'s limits.
+
+    The gateway reads the request head and enforces ``handshake_timeout``
+    itself, so Autobahn's own opening-handshake timeout is off.
+    """
+    factory = WebSocketServerFactory()
+    factory._batched_timer = _ReactorTimer(clock)
+    factory.protocol = TerminatedProtocol
+    factory.setProtocolOptions(
+        versions=[13],
+        webStatus=False,
+        maxFramePayloadSize=listener.max_frame_size,
+        maxMessagePayloadSize=listener.max_message_size,
+        failByDrop=False,
+        echoCloseCodeReason=True,
+        openHandshakeTimeout=0,
+        closeHandshakeTimeout=5,
+        autoPingInterval=listener.ping_interval,
+        autoPingTimeout=listener.ping_timeout,
+        perMessageCompressionAccept=(
+            _accept_permessage_deflate if listener.compression else None),
+    )
+    if not listener.compression:
+        factory.perMessageCompressionAccept = lambda offers: None
+    return factory
+
+
+def build_terminated_protocol(gateway, listener, match, connection):
+    """The WebSocket protocol (with its session) for an accepted terminated route."""
+    factory = gateway.websocket_factory(listener)
+    protocol = factory.buildProtocol(None)
+    route = match.route
+    if route.max_message_size is not None:
+        protocol.maxMessagePayloadSize = route.max_message_size
+        protocol.maxFramePayloadSize = min(listener.max_frame_size, route.max_message_size)
+    idle = route.idle_timeout if route.idle_timeout is not None else listener.idle_timeout
+    if route.target.kind == "echo":
+        session = EchoSession()
+    else:
+        session = BroadcastSession(
+            gateway.broker, route.target.channel_for(match.params), route.target,
+            gateway.node_id)
+    protocol.bind(gateway, connection, session, idle)
+    return protocol
+
+
+class TerminatedProtocol(WebSocketServerProtocol):
+    """An Autobahn server protocol that delegates to a session object."""
+
+    def bind(self, gateway, connection, session, idle_timeout):
+        self.gateway = gateway
+        self.connection = connection
+        self.session = session
+        self.idle_timeout = idle_timeout
+        self._idle_timer = None
+        self._opened = False
+        connection.protocol = self
+
+    # -- handshake: the gateway already decided; Autobahn only completes it.
+
+    def onConnect(self, request):
+        return None
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """Autobahn found the request invalid: answer without its exception text."""
+        self.gateway_refusal = http.HttpRefusal(code, "bad_handshake", "Bad WebSocket handshake")
+        observe.emit(
+            "websocket.connection.rejected", "rejected {client}: {status} ({reason})",
+            conn_id=self.connection.conn_id, route=self.connection.route,
+            client=self.connection.client, identity=None, status=code,
+            reason="bad_handshake", policy=None)
+        self.sendData(http.render_refusal(self.gateway_refusal))
+        self.dropConnection(abort=False)
+
+    # -- open connection
+
+    def onOpen(self):
+        self._opened = True
+        self.gateway.register(self.connection)
+        observe.emit("websocket.connection.accepted", "accepted {client} on route {route}",
+                     **self.connection.fields())
+        self.session.opened(self)
+        self._touch()
+
+    def onMessage(self, payload, isBinary):
+        connection = self.connection
+        connection.messages_in += 1
+        connection.bytes_in += len(payload)
+        self._touch()
+        self.session.message(self, payload, isBinary)
+
+    def send(self, payload, is_binary):
+        """Send one message to the client (counted)."""
+        if self.state == self.STATE_OPEN:
+            self.connection.messages_out += 1
+            self.connection.bytes_out += len(payload)
+            self.sendMessage(payload, is_binary)
+
+    def send_prepared(self, prepared, size):
+        if self.state == self.STATE_OPEN:
+            self.connection.messages_out += 1
+            self.connection.bytes_out += size
+            self._touch()
+            self.sendPreparedMessage(prepared)
+
+    def close_with(self, code, reason):
+        """Close with any valid code (Autobahn's ``sendClose`` refuses 1001, 1008, ...)."""
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
+
+    def onClose(self, wasClean, code, reason):
+        self._cancel_idle()
+        if not self._opened:
+            return
+        self._opened = False
+        self.session.closed(self)
+        self.gateway.unregister(self.connection)
+        connection = self.connection
+        by_gateway = self.closedByMe or self.failedByMe or (self.droppedByMe and not wasClean)
+        closed_by = "gateway" if by_gateway else "client"
+        observe.emit(
+            "websocket.connection.closed",
+            "closed {client} on route {route}: {close_code} {close_reason!r} by {closed_by}",
+            duration_s=round(self.gateway.clock.seconds() - connection.since, 3),
+            messages_in=connection.messages_in, messages_out=connection.messages_out,
+            bytes_in=connection.bytes_in, bytes_out=connection.bytes_out,
+            close_code=code, close_reason=reason, closed_by=closed_by,
+            **connection.fields())
+
+    # -- idle timeout: no message in either direction for idle_timeout seconds
+
+    def _touch(self):
+        if not self.idle_timeout:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.idle_timeout)
+        else:
+            self._idle_timer = self.gateway.clock.callLater(self.idle_timeout, self._idle)
+
+    def _idle(self):
+        self._idle_timer = None
+        self.close_with(CLOSE_GOING_AWAY, "idle timeout")
+
+    def _cancel_idle(self):
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+
+class EchoSession:
+    """Sends every message back, text as text and binary as binary."""
+
+    def opened(self, protocol):
+        pass
+
+    def message(self, protocol, payload, is_binary):
+        protocol.send(payload, is_binary)
+
+    def closed(self, protocol):
+        pass
+
+
+@implementer(ISubscriber)
+class BroadcastSession:
+    """A subscriber of one channel; publishes what its client sends (if allowed)."""
+
+    def __init__(self, broker, channel, target, node_id):
+        self.broker = broker
+        self.channel = channel
+        self.target = target
+        self.node_id = node_id
+        self.protocol = None
+        self.conn_id = None
+
+    def opened(self, protocol):
+        self.protocol = protocol
+        self.conn_id = protocol.connection.conn_id
+        self.broker.subscribe(self.channel, self)
+
+    def message(self, protocol, payload, is_binary):
+        if not self.target.client_publish:
+            protocol.close_with(CLOSE_POLICY_VIOLATION, "publishing is not allowed here")
+            return
+        message = Message(payload, is_binary, self.node_id, self.conn_id)
+        d = self.broker.publish(self.channel, message)
+        d.addErrback(self._publish_failed, protocol)
+
+    def _publish_failed(self, failure, protocol):
+        _log.warn("wsgate: publish to {channel} failed: {error}", channel=self.channel,
+                  error=failure.getErrorMessage())
+        protocol.close_with(CLOSE_TRY_AGAIN_LATER, "broker unavailable")
+
+    def deliver(self, message, prepared):
+        if message.origin_conn == self.conn_id and not self.target.include_sender:
+            return
+        self.protocol.send_prepared(prepared, len(message.payload))
+
+    def closed(self, protocol):
+        self.broker.unsubscribe(self.channel, self)
+

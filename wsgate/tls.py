@@ -1,0 +1,121 @@
+"""TLS for listeners: pyOpenSSL contexts, SNI certificate choice, protocol floor.
+
+A listener with ``tls_cert`` gets a :class:`ServerTLS`: one context for the
+default certificate plus one per ``<hostname>.pem`` in ``tls_sni_dir``; the
+SNI callback switches the connection to the matching context. Files are read
+once, when the config is loaded.
+"""
+
+import os
+
+from OpenSSL import SSL, crypto
+
+_CIPHERS = (
+    b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS:!SHA1"
+)
+_MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+class TLSConfigError(Exception):
+    """A certificate or key that cannot be used; *key* is the config key to blame."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def _read(key, path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(key, f"cannot read {path}: {e.strerror}") from None
+
+
+def _context(cert_key, cert_path, key_key, key_path, min_version):
+    """A server context for one certificate chain and private key (PEM files)."""
+    cert_pem = _read(cert_key, cert_path)
+    key_pem = _read(key_key, key_path) if key_path != cert_path else cert_pem
+    try:
+        chain = _split_pem_certificates(cert_pem)
+    except crypto.Error:
+        chain = []
+    if not chain:
+        raise TLSConfigError(cert_key, f"expected a PEM certificate (chain) in {cert_path}")
+    try:
+        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except crypto.Error:
+        raise TLSConfigError(key_key, f"expected a PEM private key in {key_path}") from None
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(_MIN_VERSIONS[min_version])
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                    | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_cipher_list(_CIPHERS)
+    ctx.use_certificate(chain[0])
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(private_key)
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise TLSConfigError(
+            key_key, f"the private key in {key_path} does not match the certificate "
+            f"in {cert_path}") from None
+    ctx.set_alpn_select_callback(_choose_http11)
+    return ctx
+
+
+def _choose_http11(conn, offered):
+    """WebSockets here speak HTTP/1.1: pick it when offered, else no ALPN."""
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _split_pem_certificates(pem):
+    marker = b"-----BEGIN CERTIFICATE-----"
+    blocks = [marker + part for part in pem.split(marker)[1:]]
+    return [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in blocks]
+
+
+class ServerTLS:
+    """The TLS side of one listener; usable as an old-style Twisted context factory."""
+
+    def __init__(self, default_context, sni_contexts):
+        self._default = default_context
+        self._by_name = dict(sni_contexts)
+        if self._by_name:
+            self._default.set_tlsext_servername_callback(self._choose_by_sni)
+
+    @classmethod
+    def load(cls, cert, key, sni_dir, min_version="1.2"):
+        """Read the files; raise :class:`TLSConfigError` naming the key at fault."""
+        default = _context("tls_cert", cert, "tls_key", key or cert, min_version)
+        sni = {}
+        if sni_dir is not None:
+            try:
+                names = sorted(os.listdir(sni_dir))
+            except OSError as e:
+                raise TLSConfigError(
+                    "tls_sni_dir", f"cannot read {sni_dir}: {e.strerror}") from None
+            for filename in names:
+                if not filename.endswith(".pem"):
+                    continue
+                path = os.path.join(sni_dir, filename)
+                hostname = filename[: -len(".pem")].lower()
+                sni[hostname.encode("idna")] = _context(
+                    "tls_sni_dir", path, "tls_sni_dir", path, min_version)
+        return cls(default, sni)
+
+    @property
+    def hostnames(self):
+        return sorted(name.decode("ascii") for name in self._by_name)
+
+    def _choose_by_sni(self, connection):
+        name = connection.get_servername()
+        if name:
+            ctx = self._by_name.get(name.lower())
+            if ctx is not None:
+                connection.set_context(ctx)
+
+    def getContext(self):
+        """Old-style context factory API (``TLSMemoryBIOFactory`` accepts it)."""
+        return self._default

@@ -1,0 +1,80 @@
+"""Parsers for the value syntaxes of the config file: durations, sizes, booleans, lists.
+
+Each parser takes the raw string and returns the typed value or raises
+``ValueError`` whose message says what was expected; the config loader adds
+the file, section and key.
+"""
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1,
+    "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3,
+    "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
+}
+
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+
+def parse_duration(text):
+    """``500ms``, ``10s``, ``2m``, ``1h`` or a bare number of seconds → float seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"expected a duration such as 500ms, 10s, 2m or 1h, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text):
+    """``64KiB``, ``1MiB``, ``1GiB`` or a bare number of bytes → int bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"expected a size such as 65536, 64KiB or 1MiB, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def parse_bool(text):
+    """``yes/no``, ``true/false``, ``on/off``, ``1/0`` (any case) → bool."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def parse_list(text):
+    """Comma-separated values, spaces ignored, empty items dropped → tuple of str."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_positive_int(text):
+    """A whole number ≥ 1."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def format_duration(seconds):
+    """The inverse of :func:`parse_duration` for display (``wsgate check``, logs)."""
+    if seconds == 0:
+        return "0"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def format_size(size):
+    """The inverse of :func:`parse_size` for display."""
+    for unit, factor in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
