@@ -34,6 +34,7 @@ class GatewayProcess:
         self.events = []
         self.stderr = ""
         self._listening = {}
+        self.ready = False
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "wsgate", "--config", str(config_path)],
@@ -57,6 +58,8 @@ class GatewayProcess:
                     self.events.append(event)
                     if event.get("event") == "wsgate.listening":
                         self._listening[event["listener"]] = event
+                    elif event.get("event") == "wsgate.ready":
+                        self.ready = True
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -68,7 +71,7 @@ class GatewayProcess:
     def wait_listening(self, names=("main",), timeout=20):
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not all(name in self._listening for name in names):
+            while not (self.ready and all(name in self._listening for name in names)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.proc.poll() is not None:
                     self._err_reader.join(2)
@@ -195,3 +198,96 @@ def parse_response(data):
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, body
+
+
+# ----------------------------------------------------------------- peers
+
+
+def require_peer(path, what):
+    """Return *path* if the peer program exists; fail under CI, skip otherwise."""
+    import pytest
+
+    if os.path.exists(path):
+        return path
+    message = f"{what} is missing at {path}: run `make peers` (scripts/install-peers.sh)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    """Import scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"wsgate_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------- Node upstream
+
+PEERS = os.path.join(ROOT, "tests", "peers")
+
+
+class NodeUpstream:
+    """tests/peers/upstream.js: a real Node ``ws`` server with test behaviours."""
+
+    def __init__(self, env=None):
+        import shutil
+
+        node = shutil.which("node") or "/usr/bin/node"
+        require_peer(node, "Node.js")
+        require_peer(os.path.join(PEERS, "node_modules", "ws", "package.json"),
+                     "the npm ws package")
+        self.events = []
+        self._cond = threading.Condition()
+        self.port = None
+        self.proc = subprocess.Popen(
+            [node, os.path.join(PEERS, "upstream.js")], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PORT": "0", **(env or {})})
+        threading.Thread(target=self._read, daemon=True).start()
+        with self._cond:
+            deadline = time.monotonic() + 15
+            while self.port is None:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"node upstream did not start: {self.events}")
+                self._cond.wait(0.2)
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = {"raw": raw.decode("utf-8", "replace")}
+            with self._cond:
+                if "listening" in event:
+                    self.port = event["listening"]
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def wait_event(self, predicate, timeout=10):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no such upstream event in {self.events}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

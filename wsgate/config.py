@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 
 from wsgate import units
+from wsgate.forwarding import parse_networks
 from wsgate.routing import HostPattern, PathPattern
 
 
@@ -52,6 +53,7 @@ class ListenerSettings:
     max_message_size: int = 1024 * 1024
     max_frame_size: int = 1024 * 1024
     compression: bool = False
+    trusted_proxies: tuple = ()  # ipaddress networks whose X-Forwarded-For is believed
 
     @property
     def is_tls(self):
@@ -82,6 +84,46 @@ class BroadcastTarget:
 
     def describe(self):
         return f"broadcast {self.channel}"
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Proxy to an upstream WebSocket whose URL is a template (``{path}``, ``{tail}``, ...)."""
+
+    url: str  # as written in the config
+    scheme: str
+    host: str
+    port: int
+    path_template: str
+    timeout: float = 5.0
+    forward_headers: tuple = ()
+    verify: bool = True
+    ca: str = None
+    tls_options: object = field(default=None, compare=False, repr=False)
+    kind = "upstream"
+
+    @property
+    def display_url(self):
+        return self.url
+
+    @property
+    def host_header(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "wss" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def request_target(self, match, head):
+        """The upstream request path: the template filled in, the client's query appended."""
+        values = dict(match.params, path=head.path, tail=match.tail)
+        target = _fill_template(self.path_template, values) or "/"
+        if not target.startswith("/"):
+            target = "/" + target
+        if head.query:
+            target += ("&" if "?" in target else "?") + head.query
+        return target
+
+    def describe(self):
+        return f"upstream {self.url}"
 
 
 @dataclass(frozen=True)
@@ -268,6 +310,8 @@ def _listener(section, name, base):
         max_frame_size=section.take("max_frame_size", units.parse_size, max_message),
         compression=section.take(
             "compression", _choice("off", "permessage-deflate"), "off") != "off",
+        trusted_proxies=section.take(
+            "trusted_proxies", lambda text: parse_networks(units.parse_list(text)), ()),
     )
     if max_message < 1:
         raise section.error("max_message_size", "expected a size of at least 1 byte")
@@ -305,6 +349,48 @@ def _check_endpoint(section, endpoint):
             f"tcp:8080:interface=127.0.0.1, got {endpoint!r} ({detail})") from None
 
 
+_UPSTREAM_AUTHORITY = re.compile(r"^(ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?")
+
+
+def _upstream(section, path):
+    url = section.take("upstream", _non_empty)
+    match = _UPSTREAM_AUTHORITY.match(url)
+    if not match or (len(url) > match.end() and url[match.end()] not in "/{?"):
+        raise section.error("upstream", f"expected ws://host:port/path or wss://..., got {url!r}")
+    scheme, host, port = match.group(1), match.group(2).strip("[]"), match.group(3)
+    port = int(port) if port else (443 if scheme == "wss" else 80)
+    if not 0 < port < 65536:
+        raise section.error("upstream", f"port {port} is out of range")
+    path_template = url[match.end():]
+    allowed = set(path.placeholders) | {"path", "tail"}
+    for placeholder in _PLACEHOLDER.findall(path_template):
+        if placeholder not in allowed:
+            raise section.error(
+                "upstream", f"{{{placeholder}}} is not {{path}}, {{tail}} or a placeholder "
+                f"of path {path.text!r}")
+    if "?" in path_template.split("{", 1)[0] and "{" in path_template.split("?", 1)[1]:
+        raise section.error("upstream", "placeholders belong in the path, not the query")
+    timeout = section.take("upstream_timeout", _positive_duration, 5.0)
+    verify = section.take("upstream_verify", units.parse_bool, True)
+    ca = section.take("upstream_ca", _non_empty, None)
+    forward = section.take("forward_headers", units.parse_list, ())
+    if scheme == "ws" and (ca or not verify):
+        key = "upstream_ca" if ca else "upstream_verify"
+        raise section.error(key, "only applies to wss:// upstreams")
+    tls_options = None
+    if scheme == "wss":
+        from wsgate import tls
+
+        try:
+            tls_options = tls.upstream_tls_options(host, ca, verify)
+        except tls.TLSConfigError as e:
+            raise section.error(e.key, e.message) from None
+    return UpstreamTarget(
+        url=url, scheme=scheme, host=host, port=port, path_template=path_template,
+        timeout=timeout, forward_headers=forward, verify=verify, ca=ca,
+        tls_options=tls_options)
+
+
 def _route(section, name, listener_names):
     host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
     path = section.take("path", PathPattern.parse)
@@ -339,7 +425,7 @@ def _route(section, name, listener_names):
             include_sender=section.take("include_sender", units.parse_bool, False),
         )
     else:
-        raise section.error("upstream", "proxy routes are not supported by this version")
+        target = _upstream(section, path)
     return RouteSettings(
         name=name, host=host, path=path, target=target, listeners=listeners,
         max_message_size=section.take("max_message_size", units.parse_size, None),

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
-from wsgate import http, observe
+from wsgate import forwarding, http, observe, proxy
 from wsgate.terminated import build_terminated_protocol, make_websocket_factory
 
 _log = Logger()
@@ -51,6 +51,7 @@ class Gateway:
         self.router = router
         self.broker = broker
         self.clock = clock
+        self.reactor = clock
         self.connections = {}
         self._ws_factories = {}
 
@@ -109,6 +110,8 @@ class HandshakeProtocol(Protocol):
         self._done = False
         self._timer = None
         self.client = None
+        self._peer_ip = None
+        self._pending = None
 
     def connectionMade(self):
         self._timer = self.gateway.clock.callLater(
@@ -129,12 +132,18 @@ class HandshakeProtocol(Protocol):
             return
         # Read the peer only now: behind a PROXY-protocol wrapper it is known
         # once the PROXY header has been parsed, before the HTTP head.
-        self.client = observe.format_address(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        self.client = observe.format_address(peer)
+        self._peer_ip = getattr(peer, "host", None) or "unix"
         try:
             head = http.parse_head(self._buffer[:end])
         except http.HttpRefusal as refusal:
             self._refuse(refusal)
             return
+        self.origin = forwarding.client_origin(self._peer_ip, head,
+                                               self.listener.trusted_proxies)
+        if self.origin.ip != self._peer_ip:
+            self.client = self.origin.ip  # the client behind a trusted proxy
         self._deciding = True
         d = defer.maybeDeferred(self.gateway.decide, head, self.listener)
         d.addCallbacks(self._accept, self._refuse_failure, callbackArgs=(head,))
@@ -143,6 +152,9 @@ class HandshakeProtocol(Protocol):
     def connectionLost(self, reason):
         self._done = True
         self._cancel_timer()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()  # stop the upstream handshake: the client left
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():
@@ -187,15 +199,49 @@ class HandshakeProtocol(Protocol):
     def _accept(self, match, head):
         if self._done:
             return  # the client left or timed out while we were deciding
-        self._done = True
-        self._cancel_timer()
         connection = Connection(
             self.gateway.new_conn_id(), match.route.name, self.client,
             self.gateway.clock.seconds())
+        if match.route.target.kind == "upstream":
+            self._open_upstream(match, head, connection)
+            return
+        self._done = True
+        self._cancel_timer()
         protocol = build_terminated_protocol(self.gateway, self.listener, match, connection)
         self._hand_over(protocol)
 
-    def _hand_over(self, protocol):
+    def _open_upstream(self, match, head, connection):
+        """Proxy route: the upstream answers first; the client gets its 101 after."""
+        self._pending = proxy.open_upstream(
+            self.gateway, self.listener, match, head, connection, self.origin)
+        self._pending.addCallbacks(self._upstream_ready, self._upstream_failed,
+                                   callbackArgs=(match, connection))
+        self._pending.addErrback(self._internal_error)
+
+    def _upstream_failed(self, failure):
+        self._pending = None
+        failure.trap(http.HttpRefusal)
+        self._refuse(failure.value)
+
+    def _upstream_ready(self, result, match, connection):
+        self._pending = None
+        upstream_leg, headers, upstream_extra = result
+        if self._done:  # the client left or timed out meanwhile
+            upstream_leg.transport.abortConnection()
+            return
+        self._done = True
+        self._cancel_timer()
+        transport, buffered = self.transport, self._buffer
+        head_end = http.find_head_end(buffered)
+        client_extra = buffered[head_end:]
+        self._buffer = b""
+        transport.write(proxy.client_response(headers))
+        relay = proxy.Relay(self.gateway, self.listener, match.route, connection,
+                            transport, upstream_leg)
+        self._hand_over(proxy.ClientLeg(relay), replay=False)
+        relay.start(client_extra, upstream_extra)
+
+    def _hand_over(self, protocol, replay=True):
         """Give the transport to *protocol* and replay what was read so far.
 
         Same pattern as Autobahn's ``WebSocketResource``: a wrapping transport
@@ -209,7 +255,8 @@ class HandshakeProtocol(Protocol):
         else:
             transport.protocol = protocol
         protocol.makeConnection(transport)
-        protocol.dataReceived(buffered)
+        if replay:
+            protocol.dataReceived(buffered)
 
 
 class GatewayFactory(Factory):

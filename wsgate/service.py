@@ -86,6 +86,8 @@ class GatewayService(service.MultiService):
         """SIGTERM stops the reactor and the process exits 0 (Twisted's own handler
         re-raises the signal at exit, which reads as a crash to supervisors)."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        observe.emit("wsgate.ready", "wsgate ready (node {node})",
+                     node=self.config.core.node_id)
 
     def _on_sigterm(self, signum, frame):
         reactor.callFromThread(reactor.stop)

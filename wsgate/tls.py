@@ -8,7 +8,7 @@ once, when the config is loaded.
 
 import os
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 _CIPHERS = (
     b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS:!SHA1"
@@ -34,33 +34,26 @@ def _read(key, path):
 
 def _context(cert_key, cert_path, key_key, key_path, min_version):
     """A server context for one certificate chain and private key (PEM files)."""
-    cert_pem = _read(cert_key, cert_path)
-    key_pem = _read(key_key, key_path) if key_path != cert_path else cert_pem
-    try:
-        chain = _split_pem_certificates(cert_pem)
-    except crypto.Error:
-        chain = []
-    if not chain:
-        raise TLSConfigError(cert_key, f"expected a PEM certificate (chain) in {cert_path}")
-    try:
-        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    except crypto.Error:
-        raise TLSConfigError(key_key, f"expected a PEM private key in {key_path}") from None
+    for key, path in ((cert_key, cert_path), (key_key, key_path)):
+        if b"-----BEGIN" not in _read(key, path):
+            raise TLSConfigError(key, f"expected PEM data in {path}")
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(_MIN_VERSIONS[min_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                     | SSL.OP_NO_RENEGOTIATION)
     ctx.set_cipher_list(_CIPHERS)
-    ctx.use_certificate(chain[0])
-    for extra in chain[1:]:
-        ctx.add_extra_chain_cert(extra)
-    ctx.use_privatekey(private_key)
     try:
+        ctx.use_certificate_chain_file(cert_path.encode())
+    except SSL.Error:
+        raise TLSConfigError(
+            cert_key, f"expected a PEM certificate (chain) in {cert_path}") from None
+    try:
+        ctx.use_privatekey_file(key_path.encode())
         ctx.check_privatekey()
     except SSL.Error:
         raise TLSConfigError(
-            key_key, f"the private key in {key_path} does not match the certificate "
-            f"in {cert_path}") from None
+            key_key, f"the private key in {key_path} is not a PEM key matching the "
+            f"certificate in {cert_path}") from None
     ctx.set_alpn_select_callback(_choose_http11)
     return ctx
 
@@ -68,12 +61,6 @@ def _context(cert_key, cert_path, key_key, key_path, min_version):
 def _choose_http11(conn, offered):
     """WebSockets here speak HTTP/1.1: pick it when offered, else no ALPN."""
     return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-def _split_pem_certificates(pem):
-    marker = b"-----BEGIN CERTIFICATE-----"
-    blocks = [marker + part for part in pem.split(marker)[1:]]
-    return [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in blocks]
 
 
 class ServerTLS:
@@ -119,3 +106,29 @@ class ServerTLS:
     def getContext(self):
         """Old-style context factory API (``TLSMemoryBIOFactory`` accepts it)."""
         return self._default
+
+
+def upstream_tls_options(hostname, ca_path, verify):
+    """Client TLS for a wss:// upstream: verifies the chain and the host name.
+
+    *ca_path* (PEM, may hold several certificates) replaces the platform's
+    trust store; ``verify = False`` turns all checks off (warned at start-up).
+    """
+    from twisted.internet import ssl
+
+    if not verify:
+        return ssl.CertificateOptions(verify=False)
+    if ca_path is None:
+        trust = ssl.platformTrust()
+    else:
+        pem = _read("upstream_ca", ca_path)
+        try:
+            certificates = [
+                ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
+                for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+        except Exception:
+            certificates = []
+        if not certificates:
+            raise TLSConfigError("upstream_ca", f"expected PEM certificates in {ca_path}")
+        trust = ssl.trustRootFromCertificates(certificates)
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust)
