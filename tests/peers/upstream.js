@@ -1,6 +1,7 @@
 // A real Node `ws` upstream for the wsgate tests. One process serves several
 // behaviours, chosen by the last segment of the request path:
 //   /echo...        text -> 'echo: ' + data; binary -> the same bytes back
+//   /conformance    exact echo (the Autobahn testsuite's upstream behind the proxy)
 //   /subprotocol    chooses 'chat.v2' if offered, else the first offered
 //   /close          closes with ?code=&reason= after the first message
 //   /headers        first message: JSON of the upgrade request's headers and url
@@ -67,6 +68,8 @@ function serve(ws, req, url) {
   ws.on('message', (data, isBinary) => {
     if (path === '/close') {
       ws.close(Number(url.searchParams.get('code') || '1000'), url.searchParams.get('reason') || '');
+    } else if (path === '/conformance') {
+      ws.send(data, { binary: isBinary });
     } else if (path === '/drop') {
       ws._socket.destroy();
     } else if (isBinary) {
