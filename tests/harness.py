@@ -153,19 +153,22 @@ def run_twistd_expecting_failure(config_path, timeout=20):
 
 
 def raw_request(port, request, host="127.0.0.1", timeout=5):
-    """Send raw bytes, return everything the server sent until it closed."""
+    """Send raw bytes; return the response (all of it for a refusal, which the server
+    closes, or just the head of a 101, after which the socket is closed)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(request)
-        chunks = []
+        data = b""
         while True:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, ConnectionResetError):
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-    return b"".join(chunks)
+            data += chunk
+            if data.startswith(b"HTTP/1.1 101") and b"\r\n\r\n" in data:
+                break
+    return data
 
 
 def read_until_closed(sock):
@@ -291,3 +294,71 @@ class NodeUpstream:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ----------------------------------------------------------------- redis-server
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own on a free port (never the machine's 6379)."""
+
+    def __init__(self, directory):
+        import shutil
+
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        require_peer(self.binary, "redis-server")
+        self.directory = str(directory)
+        self.port = None
+        self.proc = None
+        for _ in range(5):  # a probed port may be taken meanwhile: try another
+            self.port = free_port()
+            if self.start():
+                return
+        raise AssertionError("could not start redis-server")
+
+    def start(self, timeout=10):
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory, "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(100).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self):
+        self.stop()
+        assert self.start(), "redis-server did not come back on its port"
+
+    def command(self, *args):
+        """Send one command (RESP) and return the raw reply bytes."""
+        payload = f"*{len(args)}\r\n".encode()
+        for arg in args:
+            arg = arg if isinstance(arg, bytes) else str(arg).encode()
+            payload += b"$%d\r\n%s\r\n" % (len(arg), arg)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(payload)
+            return sock.recv(65536)

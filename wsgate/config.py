@@ -37,6 +37,19 @@ class CoreSettings:
     node_id: str
     log_format: str = "text"
     max_connections: int = 50000
+    broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """``[broker:NAME]``: where broadcast channels (and shared rate limits) live."""
+
+    name: str
+    type: str  # "memory" or "redis"
+    url: str = None
+    prefix: str = "wsgate:"
+    timeout: float = 2.0  # per Redis command
+    ca: str = None  # PEM CA file for rediss://
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class RouteSettings:
     path: PathPattern
     target: object
     listeners: tuple = None  # None: every listener
+    policies: tuple = ()  # IPolicy providers, in order
     max_message_size: int = None  # None: the listener's
     idle_timeout: float = None  # None: the listener's
 
@@ -147,6 +161,8 @@ class Config:
     core: CoreSettings
     listeners: tuple
     routes: tuple
+    policies: dict = field(default_factory=dict)  # name → IPolicy
+    brokers: dict = field(default_factory=dict)  # name → BrokerSettings
 
 
 # --------------------------------------------------------------------------- loading
@@ -234,7 +250,7 @@ def load(path):
 def _build(path, parser):
     base = os.path.dirname(os.path.abspath(path))
     core = None
-    listeners, routes = [], []
+    listeners, routes, policy_sections, brokers = [], [], [], {}
     for name in parser.sections():
         section = _Section(path, name, parser.items(name))
         kind, _, label = name.partition(":")
@@ -242,25 +258,82 @@ def _build(path, parser):
             core = _core(section)
         elif kind == "listen" and label:
             listeners.append(_listener(section, label, base))
-        elif kind == "route" and label:
-            routes.append(section)  # needs the listeners; built below
+        elif kind == "broker" and label:
+            brokers[label] = _broker(section, label, base)
+        elif kind in ("route", "policy") and label:
+            # built below: they refer to listeners, brokers and policies
+            (routes if kind == "route" else policy_sections).append(section)
+            continue
         else:
             raise ConfigError(
-                path, name, None,
-                "unknown section (expected [wsgate], [listen:NAME] or [route:NAME])")
-        section_done = section if kind != "route" else None
-        if section_done is not None:
-            section_done.finish()
+                path, name, None, "unknown section (expected [wsgate], [listen:NAME], "
+                "[route:NAME], [policy:NAME] or [broker:NAME])")
+        section.finish()
     if core is None:
         core = CoreSettings(node_id=socket.gethostname())
+    if core.broker is not None and core.broker not in brokers:
+        raise ConfigError(path, "wsgate", "broker", f"no [broker:{core.broker}] section")
     if not listeners:
         raise ConfigError(path, "listen:NAME", None, "at least one listener is required")
+    policies = _policies(policy_sections, base, brokers, core.broker)
     listener_names = tuple(listener.name for listener in listeners)
     built_routes = []
     for section in routes:
-        built_routes.append(_route(section, section.name.partition(":")[2], listener_names))
+        built_routes.append(
+            _route(section, section.name.partition(":")[2], listener_names, policies))
         section.finish()
-    return Config(path, core, tuple(listeners), tuple(built_routes))
+    return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers)
+
+
+def _broker(section, name, base):
+    kind = section.take("type", _choice("memory", "redis"))
+    if kind == "memory":
+        return BrokerSettings(name, kind)
+    url = section.take("url", _non_empty)
+    if not re.match(r"^rediss?://[^/]+(/\d+)?$", url):
+        raise section.error("url", f"expected redis://host:port/db or rediss://..., got {url!r}")
+    ca = section.take("ca", _non_empty, None)
+    if ca is not None and not url.startswith("rediss://"):
+        raise section.error("ca", "only applies to rediss:// URLs")
+    return BrokerSettings(
+        name, kind, url=url, prefix=section.take("prefix", str, "wsgate:"),
+        timeout=section.take("timeout", _positive_duration, 2.0),
+        ca=_resolve(base, ca) if ca else None)
+
+
+def _policies(sections, base, brokers, default_broker):
+    """Build every ``[policy:NAME]`` with its type's factory (built-in or plugin)."""
+    from twisted.internet import reactor
+
+    from wsgate import policies as policy_api
+
+    if not sections:
+        return {}
+    known = policy_api.discovered_factories()
+    context = policy_api.PolicyContext(reactor, base, brokers, default_broker)
+    built = {}
+    for section in sections:
+        name = section.name.partition(":")[2]
+        try:
+            factory = policy_api.resolve_factory(section.take("type", _non_empty), known)
+        except policy_api.PolicyConfigError as e:
+            raise section.error(e.key, e.message) from None
+        mode = section.take("mode", _choice(*policy_api.MODES), "enforce")
+        keys = tuple(getattr(factory, "keys", ()))
+        settings = {key: section.items[key] for key in keys if key in section.items}
+        section.used.update(keys)
+        section.finish()
+        try:
+            policy = factory(name, settings, context)
+        except policy_api.PolicyConfigError as e:
+            raise section.error(e.key, e.message) from None
+        except Exception as e:  # a plugin's own bug: still one clear line
+            raise section.error(None, f"the {factory!r} policy factory failed: {e}") from None
+        policy.mode = mode
+        if getattr(policy, "name", None) is None:
+            policy.name = name
+        built[name] = policy
+    return built
 
 
 def _core(section):
@@ -268,6 +341,7 @@ def _core(section):
         node_id=section.take("node_id", _non_empty, socket.gethostname()),
         log_format=section.take("log_format", _choice("text", "json"), "text"),
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
+        broker=section.take("broker", _non_empty, None),
     )
 
 
@@ -391,7 +465,7 @@ def _upstream(section, path):
         tls_options=tls_options)
 
 
-def _route(section, name, listener_names):
+def _route(section, name, listener_names, policies):
     host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
     path = section.take("path", PathPattern.parse)
     listeners = section.take("listeners", units.parse_list, None)
@@ -401,6 +475,11 @@ def _route(section, name, listener_names):
                 raise section.error(
                     "listeners", f"unknown listener {listener!r} (known: "
                     f"{', '.join(listener_names)})")
+    chosen = section.take("policies", units.parse_list, ())
+    for policy in chosen:
+        if policy not in policies:
+            known = ", ".join(sorted(policies)) or "none"
+            raise section.error("policies", f"no [policy:{policy}] section (known: {known})")
     targets = [key for key in ("echo", "broadcast", "upstream") if section.has(key)]
     if not targets:
         raise section.error(None, "expected one target: echo = yes, broadcast = CHANNEL "
@@ -428,6 +507,7 @@ def _route(section, name, listener_names):
         target = _upstream(section, path)
     return RouteSettings(
         name=name, host=host, path=path, target=target, listeners=listeners,
+        policies=tuple(policies[policy] for policy in chosen),
         max_message_size=section.take("max_message_size", units.parse_size, None),
         idle_timeout=section.take("idle_timeout", units.parse_duration, None),
     )

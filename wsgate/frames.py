@@ -45,6 +45,9 @@ class Violation:
         self.code, self.reason = code, reason
 
 
+DROP_MESSAGE = object()
+
+
 class FrameScanner:
     """Splits one direction of a WebSocket stream into pass-through bytes and control frames.
 
@@ -55,7 +58,8 @@ class FrameScanner:
     """
 
     __slots__ = ("max_message_size", "remaining", "partial", "control", "message_size",
-                 "in_message", "messages", "payload_bytes", "on_message", "broken")
+                 "in_message", "messages", "payload_bytes", "on_message", "broken",
+                 "dropping", "current_fin")
 
     def __init__(self, max_message_size, on_message=None):
         self.max_message_size = max_message_size
@@ -66,8 +70,12 @@ class FrameScanner:
         self.in_message = False
         self.messages = 0
         self.payload_bytes = 0
-        self.on_message = on_message  # called with (opcode, size) when a message starts
+        # on_message(opcode, first frame size) when a message starts; it may
+        # return a Violation (stop) or DROP_MESSAGE (its frames are not passed on).
+        self.on_message = on_message
         self.broken = False
+        self.dropping = False
+        self.current_fin = False
 
     @property
     def at_boundary(self):
@@ -89,6 +97,12 @@ class FrameScanner:
             if self.remaining:
                 step = min(self.remaining, end - pos)
                 self.remaining -= step
+                if self.dropping:
+                    if pos > pass_from:
+                        out.append(data[pass_from:pos])
+                    pass_from = pos + step
+                    if not self.remaining and self.current_fin:
+                        self.dropping = False
                 pos += step
                 continue
             header = self._parse_header(data, pos, end)
@@ -127,6 +141,17 @@ class FrameScanner:
                 self.broken = True
                 out.append(violation)
                 return out
+            if self.dropping:  # this frame belongs to a dropped message: skip it
+                if pos > pass_from:
+                    out.append(data[pass_from:pos])
+                step = min(length, end - pos - header_len)
+                pos += header_len + step
+                pass_from = pos
+                self.remaining = length - step
+                self.current_fin = bool(fin)
+                if fin and not self.remaining:
+                    self.dropping = False
+                continue
             pos += header_len
             step = min(length, end - pos)
             pos += step
@@ -181,7 +206,11 @@ class FrameScanner:
             self.in_message = True
             self.message_size = 0
             if self.on_message is not None:
-                self.on_message(opcode, length)
+                verdict = self.on_message(opcode, length)
+                if verdict is DROP_MESSAGE:
+                    self.dropping = True
+                elif verdict is not None:
+                    return verdict
         self.message_size += length
         if self.message_size > self.max_message_size:
             return Violation(1009, "message too big")

@@ -10,6 +10,7 @@ WebSocket.
 """
 
 import secrets
+from urllib.parse import parse_qs
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -17,6 +18,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 from wsgate import forwarding, http, observe, proxy
+from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
+from wsgate.routing import strip_port
 from wsgate.terminated import build_terminated_protocol, make_websocket_factory
 
 _log = Logger()
@@ -28,13 +31,14 @@ RETRY_AFTER_SECONDS = 5
 class Connection:
     """The bookkeeping of one accepted WebSocket: who, where, since when, how much."""
 
-    __slots__ = ("conn_id", "route", "client", "identity", "since", "protocol",
+    __slots__ = ("conn_id", "route", "client", "identity", "since", "protocol", "outcome",
                  "messages_in", "messages_out", "bytes_in", "bytes_out")
 
     def __init__(self, conn_id, route, client, since, identity=None):
         self.conn_id, self.route, self.client = conn_id, route, client
         self.since, self.identity = since, identity
         self.protocol = None
+        self.outcome = None  # the policy chain's ChainOutcome (sessions to tell on close)
         self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
 
     def fields(self):
@@ -54,6 +58,16 @@ class Gateway:
         self.reactor = clock
         self.connections = {}
         self._ws_factories = {}
+        self._chains = {}
+        self.stats = None  # set by the metrics layer
+
+    def chain(self, route):
+        """The policy chain of *route* (built once per route)."""
+        chain = self._chains.get(route.name)
+        if chain is None or chain.policies != route.policies:
+            chain = self._chains[route.name] = PolicyChain(route.name, route.policies,
+                                                           self.stats)
+        return chain
 
     @property
     def node_id(self):
@@ -112,6 +126,7 @@ class HandshakeProtocol(Protocol):
         self.client = None
         self._peer_ip = None
         self._pending = None
+        self._outcome = None
 
     def connectionMade(self):
         self._timer = self.gateway.clock.callLater(
@@ -155,6 +170,7 @@ class HandshakeProtocol(Protocol):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()  # stop the upstream handshake: the client left
+        self._release()
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():
@@ -180,18 +196,26 @@ class HandshakeProtocol(Protocol):
                      failure=failure, client=self.client)
         self._refuse(http.HttpRefusal(500, "internal_error", "Internal Server Error"))
 
+    def _release(self):
+        if self._outcome is not None:
+            outcome, self._outcome = self._outcome, None
+            outcome.release()
+
     def _refuse(self, refusal):
         if self._done:
             return
         self._done = True
         self._cancel_timer()
+        identity = self._outcome.identity if self._outcome is not None else None
+        self._release()
         if self.client is None:
             self.client = observe.format_address(self.transport.getPeer())
         observe.emit(
             "websocket.connection.rejected",
             "rejected {client}: {status} ({reason})",
             conn_id=None, route=getattr(refusal, "route", None), client=self.client,
-            identity=None, status=refusal.status, reason=refusal.reason,
+            identity=identity,
+            status=refusal.status, reason=refusal.reason,
             policy=getattr(refusal, "policy", None))
         self.transport.write(http.render_refusal(refusal))
         self.transport.loseConnection()
@@ -202,23 +226,44 @@ class HandshakeProtocol(Protocol):
         connection = Connection(
             self.gateway.new_conn_id(), match.route.name, self.client,
             self.gateway.clock.seconds())
+        if not match.route.policies:
+            self._policies_passed(ChainOutcome(), match, head, connection)
+            return
+        request = UpgradeRequest(
+            conn_id=connection.conn_id, route=match.route.name, listener=self.listener.name,
+            client=self.origin.ip, host=strip_port(head.host), path=head.path,
+            query=parse_qs(head.query, keep_blank_values=True), params=dict(match.params),
+            headers=head)
+        self._pending = self.gateway.chain(match.route).run(request)
+        self._pending.addCallbacks(self._policies_passed, self._step_failed,
+                                   callbackArgs=(match, head, connection))
+        self._pending.addErrback(self._internal_error)
+
+    def _policies_passed(self, outcome, match, head, connection):
+        self._pending = None
+        if self._done:
+            outcome.release()
+            return
+        self._outcome = connection.outcome = outcome
+        connection.identity = outcome.identity
         if match.route.target.kind == "upstream":
-            self._open_upstream(match, head, connection)
+            self._open_upstream(match, head, connection, outcome.headers)
             return
         self._done = True
         self._cancel_timer()
+        self._outcome = None  # the protocol owns it from here
         protocol = build_terminated_protocol(self.gateway, self.listener, match, connection)
         self._hand_over(protocol)
 
-    def _open_upstream(self, match, head, connection):
+    def _open_upstream(self, match, head, connection, extra_headers):
         """Proxy route: the upstream answers first; the client gets its 101 after."""
         self._pending = proxy.open_upstream(
-            self.gateway, self.listener, match, head, connection, self.origin)
-        self._pending.addCallbacks(self._upstream_ready, self._upstream_failed,
+            self.gateway, self.listener, match, head, connection, self.origin, extra_headers)
+        self._pending.addCallbacks(self._upstream_ready, self._step_failed,
                                    callbackArgs=(match, connection))
         self._pending.addErrback(self._internal_error)
 
-    def _upstream_failed(self, failure):
+    def _step_failed(self, failure):
         self._pending = None
         failure.trap(http.HttpRefusal)
         self._refuse(failure.value)
@@ -231,6 +276,7 @@ class HandshakeProtocol(Protocol):
             return
         self._done = True
         self._cancel_timer()
+        self._outcome = None  # the relay owns it from here
         transport, buffered = self.transport, self._buffer
         head_end = http.find_head_end(buffered)
         client_extra = buffered[head_end:]

@@ -64,3 +64,57 @@ class IBroker(Interface):
         subscribers for the in-process broker, subscribed processes for Redis)
         or fails when the message could not be published.
         """
+
+
+class IPolicy(Interface):
+    """A check on the upgrade request, run before any 101 and before an upstream is contacted.
+
+    Routes list policies (``policies = a, b``); they run in that order and a
+    later policy sees the identity an earlier one set.
+    """
+
+    name = Attribute("The ``[policy:NAME]`` section name: the reason label of its denials.")
+    mode = Attribute('"enforce", or "shadow": denials are logged and counted, not applied.')
+
+    def check(request):
+        """Decide on *request* (a :class:`wsgate.policies.UpgradeRequest`).
+
+        Return ``None`` or a :class:`wsgate.policies.Allow` (optionally with an
+        identity, headers to forward upstream and an :class:`IPolicySession`
+        for the open connection), or a :class:`wsgate.policies.Deny` (status,
+        reason, response headers); or a Deferred firing with one of these.
+        Anything raised becomes a 500 with a generic body, logged once.
+        """
+
+
+class IPolicySession(Interface):
+    """A policy's state for one allowed connection (per-message limits, counters)."""
+
+    def message(direction, is_binary, size):
+        """Called for each message; *direction* is ``"in"`` (from the client) or ``"out"``.
+
+        *size* is the payload size (for a proxied, fragmented message: its first
+        frame). Return ``None`` to let it pass, :data:`wsgate.policies.DROP` to
+        drop it, or a :class:`wsgate.policies.Close` to close the connection.
+        Synchronous and cheap: it runs on the message path.
+        """
+
+    def closed():
+        """Called once when the connection ends, or when the upgrade fails after
+        this policy allowed it (release what ``check`` reserved)."""
+
+
+class IPolicyFactory(Interface):
+    """Makes policies of one ``type`` from their config sections (a plugin)."""
+
+    name = Attribute("The ``type = NAME`` this factory serves.")
+    keys = Attribute("The config keys this type accepts (besides type and mode).")
+
+    def __call__(name, settings, context):
+        """Return an :class:`IPolicy` for section ``[policy:name]``.
+
+        *settings* maps the section's keys (only those in ``keys``) to raw
+        strings; *context* is a :class:`wsgate.policies.PolicyContext` (clock,
+        config directory, brokers). Raise
+        :class:`wsgate.policies.PolicyConfigError` naming the key at fault.
+        """

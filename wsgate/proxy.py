@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from wsgate import frames, http, observe
 from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
+from wsgate.policies import DROP, apply_sessions
 
 _log = Logger()
 
@@ -51,7 +52,7 @@ class UpstreamRejected(Exception):
     """The upstream answered, but not with a usable 101 (→ 502)."""
 
 
-def upstream_request(target, match, head, connection, origin, listener):
+def upstream_request(target, match, head, connection, origin, listener, extra_headers=()):
     """The bytes of the upgrade request the upstream gets."""
     path = target.request_target(match, head)
     lines = [f"GET {path} HTTP/1.1", f"Host: {target.host_header}",
@@ -66,6 +67,8 @@ def upstream_request(target, match, head, connection, origin, listener):
         lines.append("Sec-WebSocket-Extensions: " + ", ".join(extensions))
     for name, value in forwarded_headers(origin, head, connection.conn_id, listener.is_tls,
                                          target.forward_headers):
+        lines.append(f"{name}: {value}")
+    for name, value in extra_headers:  # from policies (e.g. the JWT identity)
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -131,7 +134,7 @@ def _lost_reason(reason):
     return f"connection lost before answering: {value}"
 
 
-def open_upstream(gateway, listener, match, head, connection, origin):
+def open_upstream(gateway, listener, match, head, connection, origin, extra_headers=()):
     """Connect and upgrade to the route's upstream before the client gets its 101.
 
     Returns a cancellable Deferred firing with ``(leg, response headers, extra
@@ -157,7 +160,8 @@ def open_upstream(gateway, listener, match, head, connection, origin):
 
     ready = defer.Deferred(lambda d: give_up("the client left"))
     leg = state["leg"] = UpstreamLeg(
-        upstream_request(target, match, head, connection, origin, listener), ready)
+        upstream_request(target, match, head, connection, origin, listener, extra_headers),
+        ready)
     factory = Factory.forProtocol(lambda: leg)
     factory.noisy = False
     connecting = state["connecting"] = endpoint.connect(factory)
@@ -281,6 +285,21 @@ class ClientLeg(Protocol):
         self.relay.client_lost()
 
 
+def _policy_hook(sessions, direction):
+    """The scanner's per-message callback for the policies' sessions (None: no hook)."""
+    if not sessions:
+        return None
+
+    def on_message(opcode, size):
+        verdict = apply_sessions(sessions, direction, opcode == frames.OP_BINARY, size)
+        if verdict is None:
+            return None
+        if verdict == DROP:
+            return frames.DROP_MESSAGE
+        return frames.Violation(verdict.code, verdict.reason)
+    return on_message
+
+
 class Relay:
     """Splices a client and an upstream WebSocket, frame-aware (see the module docstring)."""
 
@@ -290,9 +309,11 @@ class Relay:
         self.connection = connection
         self.route = route
         limit = route.max_message_size or listener.max_message_size
-        self.client = _Leg("client", client_transport, frames.FrameScanner(limit), False)
-        self.upstream = _Leg("upstream", upstream_leg.transport,
-                             frames.FrameScanner(1 << 62), True)
+        sessions = connection.outcome.sessions if connection.outcome is not None else ()
+        self.client = _Leg("client", client_transport, frames.FrameScanner(
+            limit, _policy_hook(sessions, "in")), False)
+        self.upstream = _Leg("upstream", upstream_leg.transport, frames.FrameScanner(
+            1 << 62, _policy_hook(sessions, "out")), True)
         self.ping_interval = listener.ping_interval
         self.ping_timeout = listener.ping_timeout
         idle = route.idle_timeout if route.idle_timeout is not None else listener.idle_timeout
@@ -533,6 +554,8 @@ class Relay:
             self._idle_timer.cancel()
         self.gateway.unregister(self.connection)
         connection = self.connection
+        if connection.outcome is not None:
+            connection.outcome.release()
         code, reason = self._reported_close()
         observe.emit(
             "websocket.connection.closed",

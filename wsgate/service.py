@@ -5,14 +5,17 @@ import signal
 from twisted.application import service
 from twisted.internet import endpoints, reactor
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from wsgate import observe
 from wsgate.gateway import Gateway, GatewayFactory
 from wsgate.pubsub.memory import MemoryBroker
+from wsgate.pubsub.redis import RedisBroker
 from wsgate.routing import DefaultRouter
 from wsgate.tap import fail
+
+_log = Logger()
 
 
 class ListenerService(service.Service):
@@ -73,10 +76,38 @@ class GatewayService(service.MultiService):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.broker = MemoryBroker()
+        self.brokers = {}
+        self.broker = self._broker(config.core.broker)
+        self._attach_shared_limiters()
         self.gateway = Gateway(config, DefaultRouter(config.routes), self.broker, reactor)
         for listener in config.listeners:
             ListenerService(self.gateway, listener).setServiceParent(self)
+        for route in config.routes:
+            target = route.target
+            if getattr(target, "verify", True) is False:
+                _log.warn("wsgate: route {route}: upstream_verify = no: the certificate of "
+                          "{url} is NOT verified", route=route.name, url=target.url)
+
+    def _broker(self, name):
+        """The broker of ``[broker:name]`` (one per name), or the in-process one."""
+        if name is None:
+            name = "\0memory"
+        broker = self.brokers.get(name)
+        if broker is None:
+            settings = self.config.brokers.get(name)
+            if settings is None or settings.type == "memory":
+                broker = MemoryBroker()
+            else:
+                broker = RedisBroker(settings, reactor, self.config.core.node_id)
+                broker.setServiceParent(self)
+            self.brokers[name] = broker
+        return broker
+
+    def _attach_shared_limiters(self):
+        for policy in self.config.policies.values():
+            limiter = getattr(policy, "shared", None)
+            if limiter is not None:
+                limiter.broker = self._broker(limiter.broker_settings.name)
 
     def startService(self):
         super().startService()

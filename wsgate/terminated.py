@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from wsgate import http, observe
 from wsgate.interfaces import ISubscriber
+from wsgate.policies import DROP, apply_sessions
 from wsgate.pubsub import Message
 
 _log = Logger()
@@ -104,6 +105,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
         self.idle_timeout = idle_timeout
         self._idle_timer = None
         self._opened = False
+        outcome = connection.outcome
+        self.sessions = outcome.sessions if outcome is not None else ()
         connection.protocol = self
 
     # -- handshake: the gateway already decided; Autobahn only completes it.
@@ -137,16 +140,31 @@ class TerminatedProtocol(WebSocketServerProtocol):
         connection.messages_in += 1
         connection.bytes_in += len(payload)
         self._touch()
+        if self.sessions and self._refused_by_policy("in", isBinary, len(payload)):
+            return
         self.session.message(self, payload, isBinary)
+
+    def _refused_by_policy(self, direction, is_binary, size):
+        """Apply the policies' verdict on one message; True when it must not pass."""
+        verdict = apply_sessions(self.sessions, direction, is_binary, size)
+        if verdict is None:
+            return False
+        if verdict != DROP:
+            self.close_with(verdict.code, verdict.reason)
+        return True
 
     def send(self, payload, is_binary):
         """Send one message to the client (counted)."""
+        if self.sessions and self._refused_by_policy("out", is_binary, len(payload)):
+            return
         if self.state == self.STATE_OPEN:
             self.connection.messages_out += 1
             self.connection.bytes_out += len(payload)
             self.sendMessage(payload, is_binary)
 
-    def send_prepared(self, prepared, size):
+    def send_prepared(self, prepared, size, is_binary):
+        if self.sessions and self._refused_by_policy("out", is_binary, size):
+            return
         if self.state == self.STATE_OPEN:
             self.connection.messages_out += 1
             self.connection.bytes_out += size
@@ -160,6 +178,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         self._cancel_idle()
+        if self.connection.outcome is not None:
+            self.connection.outcome.release()  # idempotent
         if not self._opened:
             return
         self._opened = False
@@ -243,7 +263,7 @@ class BroadcastSession:
     def deliver(self, message, prepared):
         if message.origin_conn == self.conn_id and not self.target.include_sender:
             return
-        self.protocol.send_prepared(prepared, len(message.payload))
+        self.protocol.send_prepared(prepared, len(message.payload), message.is_binary)
 
     def closed(self, protocol):
         self.broker.unsubscribe(self.channel, self)

@@ -1,0 +1,121 @@
+"""``wsgate check``: validate a config as start-up does and show what it means.
+
+The validation is :func:`wsgate.config.load`, the very function ``twistd
+wsgate`` calls, so a file that passes here passes at start-up (a port already
+in use aside: nothing listens here). On success it prints the effective
+listeners and the routes in the order the router tries them.
+"""
+
+import dataclasses
+import sys
+
+from wsgate import units
+from wsgate.routing import DefaultRouter
+
+
+def run(path, out=None, err=None, quiet=False):
+    """Check the config at *path*; print the tables or the one-line error. Return 0 or 1."""
+    from wsgate.config import ConfigError, load
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        config = load(path)
+    except ConfigError as e:
+        err.write(f"wsgate: {e}\n")
+        return 1
+    if not quiet:
+        out.write(render(config))
+    return 0
+
+
+def render(config):
+    """The whole report for a valid *config*, as text."""
+    routes = DefaultRouter(config.routes).routes
+    parts = [
+        f"{config.path}: OK ({_count(len(config.listeners), 'listener')}, "
+        f"{_count(len(routes), 'route')})\n",
+        _core_line(config.core),
+        "\n",
+        table(["LISTENER", "ENDPOINT", "TLS", "HANDSHAKE", "PING", "IDLE", "MAX MESSAGE",
+               "COMPRESSION"], [_listener_row(listener) for listener in config.listeners]),
+        "\nroutes, in matching order:\n",
+        table(["ROUTE", "HOST", "PATH", "LISTENERS", "TARGET", "POLICIES", "OVERRIDES"],
+              [_route_row(route) for route in routes]),
+    ]
+    return "".join(parts)
+
+
+def table(headers, rows):
+    """Left-aligned columns separated by two spaces; trailing blanks trimmed."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+def _count(n, noun):
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _core_line(core):
+    """``[wsgate]``'s plain settings as ``key=value`` pairs (whatever fields it has)."""
+    pairs = []
+    for item in dataclasses.fields(core):
+        value = getattr(core, item.name)
+        if isinstance(value, bool):
+            pairs.append(f"{item.name}={'yes' if value else 'no'}")
+        elif isinstance(value, (str, int, float)) or value is None:
+            pairs.append(f"{item.name}={'-' if value is None else value}")
+    return "[wsgate] " + ", ".join(pairs) + "\n"
+
+
+def _off_or_duration(seconds):
+    return "off" if not seconds else units.format_duration(seconds)
+
+
+def _listener_row(listener):
+    ping = "off"
+    if listener.ping_interval:
+        ping = (f"{units.format_duration(listener.ping_interval)}, timeout "
+                f"{units.format_duration(listener.ping_timeout)}")
+    max_message = units.format_size(listener.max_message_size)
+    if listener.max_frame_size != listener.max_message_size:
+        max_message += f" (frames {units.format_size(listener.max_frame_size)})"
+    return [
+        listener.name,
+        listener.endpoint,
+        "yes" if listener.is_tls else "no",
+        units.format_duration(listener.handshake_timeout),
+        ping,
+        _off_or_duration(listener.idle_timeout),
+        max_message,
+        "permessage-deflate" if listener.compression else "off",
+    ]
+
+
+def _route_row(route):
+    overrides = []
+    if route.max_message_size is not None:
+        overrides.append(f"max_message_size={units.format_size(route.max_message_size)}")
+    if route.idle_timeout is not None:
+        overrides.append(f"idle_timeout={_off_or_duration(route.idle_timeout)}")
+    return [
+        route.name,
+        route.host.text,
+        route.path.text,
+        "all" if route.listeners is None else ",".join(route.listeners),
+        route.target.describe(),
+        _policy_names(getattr(route, "policies", ())),
+        " ".join(overrides),
+    ]
+
+
+def _policy_names(policies):
+    """Policies as names: a route may hold names or policy objects with a ``name``."""
+    names = []
+    for policy in policies or ():
+        names.append(policy if isinstance(policy, str) else getattr(policy, "name", str(policy)))
+    return ",".join(names)

@@ -1,0 +1,261 @@
+"""Policies: the request they see, the decisions they return, and the chain that runs them.
+
+A route's policies run in order on the upgrade request, before any 101 and
+before an upstream is contacted. Each may allow (adding an identity, headers
+for the upstream and a per-connection :class:`~wsgate.interfaces.IPolicySession`)
+or deny with an HTTP status. ``mode = shadow`` policies are run, and what they
+would deny is logged and counted, but allowed.
+"""
+
+import importlib
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.plugin import IPlugin, getPlugins
+
+from wsgate import http, observe
+from wsgate.interfaces import IPolicyFactory
+
+_log = Logger()
+
+MODES = ("enforce", "shadow")
+
+
+class PolicyConfigError(Exception):
+    """A policy section problem; *key* is the config key at fault."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+@dataclass
+class UpgradeRequest:
+    """What a policy sees of an upgrade request.
+
+    *client* is the client's IP address after ``trusted_proxies``; *headers*
+    is the parsed request head (``get(name)``, ``get_all(name)``, lower-case
+    names); *query* maps each parameter to its list of values; *params* holds
+    the route's placeholders; *identity* is what earlier policies set.
+    """
+
+    conn_id: str
+    route: str
+    listener: str
+    client: str
+    host: str
+    path: str
+    query: dict
+    params: dict
+    headers: object
+    identity: str = None
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+    def query_value(self, name):
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def cookie(self, name):
+        for value in self.headers.get_all("cookie"):
+            for part in value.split(";"):
+                key, sep, val = part.strip().partition("=")
+                if sep and key == name:
+                    return val
+        return None
+
+    def bearer_token(self):
+        value = self.header("authorization")
+        if value and value[:7].lower() == "bearer ":
+            return value[7:].strip() or None
+        return None
+
+
+@dataclass(frozen=True)
+class Allow:
+    """Let the request through; optionally name the client and forward headers upstream."""
+
+    identity: str = None
+    headers: tuple = ()  # ((name, value), ...) added to the upstream request
+    session: object = None  # an IPolicySession, or None
+
+
+@dataclass(frozen=True)
+class Deny:
+    """Refuse the request with *status*; *headers* go on the response (Retry-After, ...)."""
+
+    status: int
+    message: str = None  # the response body; a generic text by default
+    headers: tuple = ()
+
+
+@dataclass(frozen=True)
+class Close:
+    """From a session's ``message``: close the connection with *code* and *reason*."""
+
+    code: int
+    reason: str = ""
+
+
+DROP = "drop"
+
+
+@dataclass
+class ChainOutcome:
+    """What the chain leaves for the connection: identity, upstream headers, sessions."""
+
+    identity: str = None
+    headers: list = field(default_factory=list)
+    sessions: list = field(default_factory=list)
+
+    def release(self):
+        """Tell every session the connection is over (exactly once)."""
+        sessions, self.sessions = self.sessions, []
+        for session in sessions:
+            try:
+                session.closed()
+            except Exception:
+                _log.failure("wsgate: a policy session raised in closed()")
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a factory may use to build a policy."""
+
+    clock: object
+    config_dir: str
+    brokers: dict = field(default_factory=dict)  # name → broker settings
+    default_broker: str = None
+
+    def shared_limiter(self, broker_name=None):
+        """A limiter kept in the Redis broker *broker_name* (default: ``[wsgate] broker``).
+
+        The connection is attached when the gateway starts; until then, and
+        while Redis is unreachable, its ``take`` fails (→ ``on_broker_down``).
+        """
+        from wsgate.pubsub.limits import SharedLimiter
+
+        name = broker_name or self.default_broker
+        broker = self.brokers.get(name) if name else None
+        if broker is None or broker.type != "redis":
+            raise PolicyConfigError(
+                "scope", "scope = broker needs a [broker:NAME] with type = redis, named by "
+                "this section's broker key or by [wsgate] broker")
+        return SharedLimiter(broker)
+
+
+class PolicyChain:
+    """Runs a route's policies in order; see the module docstring."""
+
+    def __init__(self, route_name, policies, stats=None):
+        self.route_name = route_name
+        self.policies = tuple(policies)
+        self.stats = stats
+
+    def run(self, request):
+        """Return a Deferred firing with a :class:`ChainOutcome` or failing with
+        :class:`wsgate.http.HttpRefusal` (the denying policy's status, or 500)."""
+        return defer.ensureDeferred(self._run(request))
+
+    async def _run(self, request):
+        outcome = ChainOutcome()
+        try:
+            for policy in self.policies:
+                try:
+                    decision = policy.check(request)
+                    if isinstance(decision, defer.Deferred):
+                        decision = await decision
+                except Exception:
+                    _log.failure("wsgate: policy {policy} raised on route {route}",
+                                 policy=policy.name, route=self.route_name)
+                    refusal = http.HttpRefusal(500, policy.name, "Internal Server Error")
+                    refusal.route, refusal.policy = self.route_name, policy.name
+                    raise refusal
+                if isinstance(decision, Deny):
+                    if policy.mode == "shadow":
+                        self._shadow_denied(policy, request, decision)
+                        continue
+                    refusal = http.HttpRefusal(
+                        decision.status, policy.name, decision.message, decision.headers)
+                    refusal.route, refusal.policy = self.route_name, policy.name
+                    raise refusal
+                if isinstance(decision, Allow):
+                    if decision.identity is not None:
+                        outcome.identity = request.identity = decision.identity
+                    outcome.headers.extend(decision.headers)
+                    if decision.session is not None:
+                        session = decision.session
+                        if policy.mode == "shadow":
+                            session = ShadowSession(session, policy, self)
+                        outcome.sessions.append(session)
+        except BaseException:
+            outcome.release()
+            raise
+        return outcome
+
+    def _shadow_denied(self, policy, request, decision):
+        if self.stats is not None:
+            self.stats.shadow_denied(self.route_name, policy.name)
+        observe.emit(
+            "websocket.policy.shadow_denied",
+            "policy {policy} (shadow) would deny {client} on route {route}: {status}",
+            conn_id=request.conn_id, route=self.route_name, client=request.client,
+            identity=request.identity, policy=policy.name, status=decision.status)
+
+
+class ShadowSession:
+    """A shadow-mode policy's session: its verdicts are logged and counted, not applied."""
+
+    def __init__(self, inner, policy, chain):
+        self.inner, self.policy, self.chain = inner, policy, chain
+
+    def message(self, direction, is_binary, size):
+        verdict = self.inner.message(direction, is_binary, size)
+        if verdict is not None and self.chain.stats is not None:
+            self.chain.stats.shadow_denied(self.chain.route_name, self.policy.name)
+        return None
+
+    def closed(self):
+        self.inner.closed()
+
+
+def apply_sessions(sessions, direction, is_binary, size):
+    """Ask every session about one message; return the first verdict that is not None."""
+    for session in sessions:
+        verdict = session.message(direction, is_binary, size)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+# ----------------------------------------------------------------- discovery
+
+
+def discovered_factories():
+    """``{type name: factory}`` for every IPolicyFactory plugin in wsgate.plugins."""
+    import wsgate.plugins
+
+    return {factory.name: factory for factory in getPlugins(IPolicyFactory, wsgate.plugins)}
+
+
+def resolve_factory(type_name, known=None):
+    """The factory for ``type = NAME`` or ``type = package.module:Class``."""
+    if ":" in type_name:
+        module_name, _, attr = type_name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            factory = getattr(module, attr)
+        except (ImportError, AttributeError) as e:
+            raise PolicyConfigError("type", f"cannot import {type_name}: {e}") from None
+        return factory
+    known = discovered_factories() if known is None else known
+    if type_name not in known:
+        raise PolicyConfigError(
+            "type", f"unknown policy type {type_name!r} (known: {', '.join(sorted(known))})")
+    return known[type_name]
+
+
+__all__ = ["Allow", "Deny", "Close", "DROP", "UpgradeRequest", "PolicyChain", "PolicyContext",
+           "PolicyConfigError", "IPlugin", "resolve_factory", "discovered_factories"]

@@ -1,0 +1,80 @@
+"""Helpers for policy types: reading a section's settings, declaring a plugin."""
+
+from zope.interface import implementer
+
+from wsgate import units
+from wsgate.interfaces import IPolicyFactory
+from wsgate.policies import PolicyConfigError
+from twisted.plugin import IPlugin
+
+_REQUIRED = object()
+
+
+class Settings:
+    """A policy section's raw keys, handed out typed; errors name the key."""
+
+    def __init__(self, raw):
+        self.raw = dict(raw)
+
+    def get(self, key, parse=str, default=_REQUIRED):
+        if key not in self.raw:
+            if default is _REQUIRED:
+                raise PolicyConfigError(key, "is required")
+            return default
+        try:
+            return parse(self.raw[key])
+        except ValueError as e:
+            raise PolicyConfigError(key, str(e)) from None
+
+    def has(self, key):
+        return key in self.raw
+
+
+def parse_rate(text):
+    """``10/s``, ``100/m``, ``1000/h`` → (count, per-second rate)."""
+    count, sep, unit = text.strip().partition("/")
+    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    try:
+        number = float(count)
+    except ValueError:
+        number = -1
+    if not sep or seconds is None or number <= 0:
+        raise ValueError(f"expected a rate such as 10/s, 100/m or 1000/h, got {text!r}")
+    return number, number / seconds
+
+
+def choice(*options):
+    def parse(text):
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+    return parse
+
+
+def status_code(*allowed):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(map(str, allowed))}, got {text!r}")
+        return value
+    return parse
+
+
+@implementer(IPlugin, IPolicyFactory)
+class PolicyType:
+    """A built-in policy type as a plugin: *build(name, settings, context)* makes the policy."""
+
+    def __init__(self, name, keys, build):
+        self.name = name
+        self.keys = tuple(keys)
+        self._build = build
+
+    def __call__(self, name, settings, context):
+        return self._build(name, Settings(settings), context)
+
+
+__all__ = ["Settings", "PolicyType", "parse_rate", "choice", "status_code", "units"]
