@@ -42,7 +42,6 @@ EXIT_INTERRUPTED = 130
 HEX_LIMIT = 64  # binary messages up to this size are printed as hex
 _MAX_REFUSAL_BODY = 64 * 1024
 _MAX_RESPONSE_HEAD = 64 * 1024
-_STDIO_FLUSH_TIMEOUT = 5.0
 
 # Headers Autobahn writes itself, and the option that sets each instead.
 _RESERVED_HEADERS = {
@@ -387,6 +386,9 @@ class Session:
             self.stdio, self._stdio_closed = None, None
             return
         self.console.transport = self.stdio
+        # A slow standard output pauses reading from the server instead of
+        # buffering messages without bound.
+        self.stdio.registerProducer(self.protocol.transport, True)
         if self.options.scripted:
             self.stdio.pauseProducing()
 
@@ -399,11 +401,11 @@ class Session:
         if self.stdio is None:
             self.done.callback(code)
             return
-        # Let the reactor flush what is queued for standard output first.
-        closed = self._stdio_closed
+        # Let the reactor flush what is queued for standard output first
+        # (as long as it takes: a reader that never reads blocks us, like cat).
+        self.stdio.unregisterProducer()
         self.stdio.loseConnection()
-        closed.addTimeout(_STDIO_FLUSH_TIMEOUT, self.reactor)
-        closed.addBoth(lambda _: self.done.callback(code))
+        self._stdio_closed.addBoth(lambda _: self.done.callback(code))
 
 
 @implementer(IHalfCloseableProtocol)
