@@ -38,6 +38,17 @@ class CoreSettings:
     log_format: str = "text"
     max_connections: int = 50000
     broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
+    drain_timeout: float = 30.0
+    log_messages: bool = False
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``[admin]``: the admin HTTP endpoint (health, metrics, publish, connections)."""
+
+    endpoint: str = "tcp:8081:interface=127.0.0.1"
+    token: str = None
+    max_publish_size: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ class Config:
     routes: tuple
     policies: dict = field(default_factory=dict)  # name → IPolicy
     brokers: dict = field(default_factory=dict)  # name → BrokerSettings
+    admin: AdminSettings = None  # None: no admin endpoint
 
 
 # --------------------------------------------------------------------------- loading
@@ -249,13 +261,15 @@ def load(path):
 
 def _build(path, parser):
     base = os.path.dirname(os.path.abspath(path))
-    core = None
+    core = admin = None
     listeners, routes, policy_sections, brokers = [], [], [], {}
     for name in parser.sections():
         section = _Section(path, name, parser.items(name))
         kind, _, label = name.partition(":")
         if name == "wsgate":
             core = _core(section)
+        elif name == "admin":
+            admin = _admin(section)
         elif kind == "listen" and label:
             listeners.append(_listener(section, label, base))
         elif kind == "broker" and label:
@@ -267,7 +281,7 @@ def _build(path, parser):
         else:
             raise ConfigError(
                 path, name, None, "unknown section (expected [wsgate], [listen:NAME], "
-                "[route:NAME], [policy:NAME] or [broker:NAME])")
+                "[route:NAME], [policy:NAME], [broker:NAME] or [admin])")
         section.finish()
     if core is None:
         core = CoreSettings(node_id=socket.gethostname())
@@ -282,7 +296,37 @@ def _build(path, parser):
         built_routes.append(
             _route(section, section.name.partition(":")[2], listener_names, policies))
         section.finish()
-    return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers)
+    return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers, admin)
+
+
+def _admin(section):
+    endpoint = section.take("endpoint", _non_empty, AdminSettings.endpoint)
+    _check_endpoint(section, endpoint)
+    token = section.take("token", _non_empty, None)
+    if token is None and not _is_loopback_endpoint(endpoint):
+        raise section.error("token", f"is required: the admin endpoint {endpoint} is not "
+                            "loopback-only (set interface=127.0.0.1 or a token)")
+    return AdminSettings(
+        endpoint=endpoint, token=token,
+        max_publish_size=section.take("max_publish_size", units.parse_size, 1024 * 1024))
+
+
+def _is_loopback_endpoint(endpoint):
+    """True for unix: sockets and tcp endpoints bound to a loopback interface."""
+    import ipaddress
+
+    parts = endpoint.replace("\\:", "\0").split(":")
+    if parts[0] == "unix":
+        return True
+    if parts[0] not in ("tcp", "tcp6", "ssl"):
+        return False
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            try:
+                return ipaddress.ip_address(part[10:].replace("\0", ":")).is_loopback
+            except ValueError:
+                return part[10:] == "localhost"
+    return False
 
 
 def _broker(section, name, base):
@@ -342,6 +386,8 @@ def _core(section):
         log_format=section.take("log_format", _choice("text", "json"), "text"),
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
         broker=section.take("broker", _non_empty, None),
+        drain_timeout=section.take("drain_timeout", _positive_duration, 30.0),
+        log_messages=section.take("log_messages", units.parse_bool, False),
     )
 
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 from wsgate import forwarding, http, observe, proxy
+from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
 from wsgate.terminated import build_terminated_protocol, make_websocket_factory
@@ -59,7 +60,9 @@ class Gateway:
         self.connections = {}
         self._ws_factories = {}
         self._chains = {}
-        self.stats = None  # set by the metrics layer
+        self._listeners = {listener.name: listener for listener in config.listeners}
+        self.stats = Stats()
+        self.draining = False
 
     def chain(self, route):
         """The policy chain of *route* (built once per route)."""
@@ -73,6 +76,18 @@ class Gateway:
     def node_id(self):
         return self.config.core.node_id
 
+    def listener(self, name):
+        """The current settings of ``[listen:name]`` (they change on reload)."""
+        return self._listeners[name]
+
+    def apply(self, config, router):
+        """Use *config* for new connections (SIGHUP); live ones keep what they have."""
+        self.config = config
+        self.router = router
+        self._listeners = {listener.name: listener for listener in config.listeners}
+        self._ws_factories = {}
+        self._chains = {}
+
     def new_conn_id(self):
         return secrets.token_hex(8)
 
@@ -85,6 +100,11 @@ class Gateway:
         match = self.router.route(head.host, head.path, listener.name)
         if match is None:
             raise http.HttpRefusal(404, "no_route", "No route for this host and path")
+        if self.draining:
+            refusal = http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere",
+                                       [("Retry-After", str(RETRY_AFTER_SECONDS))])
+            refusal.route = match.route.name
+            raise refusal
         try:
             http.check_websocket_upgrade(head)
         except http.HttpRefusal as refusal:
@@ -99,10 +119,27 @@ class Gateway:
         return match
 
     def register(self, connection):
+        """A WebSocket is open: count it and emit ``websocket.connection.accepted``."""
         self.connections[connection.conn_id] = connection
+        self.stats.accepted(connection.route, max(0.0, self.clock.seconds() - connection.since))
+        observe.emit("websocket.connection.accepted", "accepted {client} on route {route}",
+                     **connection.fields())
 
-    def unregister(self, connection):
-        self.connections.pop(connection.conn_id, None)
+    def unregister(self, connection, close_code, close_reason, closed_by):
+        """A WebSocket ended: fold its counters into the totals, emit its usage."""
+        if self.connections.pop(connection.conn_id, None) is None:
+            return
+        self.stats.closed(connection)
+        if connection.outcome is not None:
+            connection.outcome.release()
+        observe.emit(
+            "websocket.connection.closed",
+            "closed {client} on route {route}: {close_code} {close_reason!r} by {closed_by}",
+            duration_s=round(self.clock.seconds() - connection.since, 3),
+            messages_in=connection.messages_in, messages_out=connection.messages_out,
+            bytes_in=connection.bytes_in, bytes_out=connection.bytes_out,
+            close_code=close_code, close_reason=close_reason, closed_by=closed_by,
+            **connection.fields())
 
     def websocket_factory(self, listener):
         """The Autobahn factory holding *listener*'s protocol options (one per listener)."""
@@ -129,6 +166,7 @@ class HandshakeProtocol(Protocol):
         self._outcome = None
 
     def connectionMade(self):
+        self._started = self.gateway.clock.seconds()
         self._timer = self.gateway.clock.callLater(
             self.listener.handshake_timeout, self._timed_out)
 
@@ -210,6 +248,8 @@ class HandshakeProtocol(Protocol):
         self._release()
         if self.client is None:
             self.client = observe.format_address(self.transport.getPeer())
+        self.gateway.stats.rejected_handshake(getattr(refusal, "route", None), refusal.status,
+                                              refusal.reason)
         observe.emit(
             "websocket.connection.rejected",
             "rejected {client}: {status} ({reason})",
@@ -224,8 +264,7 @@ class HandshakeProtocol(Protocol):
         if self._done:
             return  # the client left or timed out while we were deciding
         connection = Connection(
-            self.gateway.new_conn_id(), match.route.name, self.client,
-            self.gateway.clock.seconds())
+            self.gateway.new_conn_id(), match.route.name, self.client, self._started)
         if not match.route.policies:
             self._policies_passed(ChainOutcome(), match, head, connection)
             return
@@ -306,15 +345,19 @@ class HandshakeProtocol(Protocol):
 
 
 class GatewayFactory(Factory):
-    """Builds a :class:`HandshakeProtocol` for each connection on one listener."""
+    """Builds a :class:`HandshakeProtocol` for each connection on one listener.
+
+    The listener's settings are looked up per connection, so a reload's new
+    limits apply to new connections.
+    """
 
     noisy = False
 
-    def __init__(self, gateway, listener):
+    def __init__(self, gateway, listener_name):
         self.gateway = gateway
-        self.listener = listener
+        self.listener_name = listener_name
 
     def buildProtocol(self, addr):
-        protocol = HandshakeProtocol(self.gateway, self.listener)
+        protocol = HandshakeProtocol(self.gateway, self.gateway.listener(self.listener_name))
         protocol.factory = self
         return protocol

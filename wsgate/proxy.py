@@ -323,14 +323,13 @@ class Relay:
         self._finished = False
         self._closed_by = None
         upstream_leg.relay = self
+        connection.protocol = self  # the admin API's kick and the drain close through it
         client_transport.registerProducer(_PauseReading(upstream_leg.transport), True)
         upstream_leg.transport.registerProducer(_PauseReading(client_transport), True)
 
     def start(self, client_bytes, upstream_bytes):
         """Begin relaying, replaying bytes that arrived during the handshake."""
         self.gateway.register(self.connection)
-        observe.emit("websocket.connection.accepted", "accepted {client} on route {route}",
-                     **self.connection.fields())
         for leg in (self.client, self.upstream):
             self._schedule_ping(leg)
         self._touch()
@@ -430,7 +429,7 @@ class Relay:
         if not leg.lost:
             leg.transport.write(b"".join(pending))
 
-    def close(self, code, reason):
+    def close_with(self, code, reason):
         """Close both sides from the gateway (idle timeout, kick, drain)."""
         if self._closed_by is None:
             self._closed_by = "gateway"
@@ -474,7 +473,7 @@ class Relay:
 
     def _idle(self):
         self._idle_timer = None
-        self.close(1001, "idle timeout")
+        self.close_with(1001, "idle timeout")
 
     # -- ending
 
@@ -552,19 +551,8 @@ class Relay:
         self._finished = True
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
-        self.gateway.unregister(self.connection)
-        connection = self.connection
-        if connection.outcome is not None:
-            connection.outcome.release()
         code, reason = self._reported_close()
-        observe.emit(
-            "websocket.connection.closed",
-            "closed {client} on route {route}: {close_code} {close_reason!r} by {closed_by}",
-            duration_s=round(self.clock.seconds() - connection.since, 3),
-            messages_in=connection.messages_in, messages_out=connection.messages_out,
-            bytes_in=connection.bytes_in, bytes_out=connection.bytes_out,
-            close_code=code, close_reason=reason, closed_by=self._closed_by or "gateway",
-            **connection.fields())
+        self.gateway.unregister(self.connection, code, reason, self._closed_by or "gateway")
 
     def _reported_close(self):
         for leg in ((self.client, self.upstream) if self._closed_by == "client"

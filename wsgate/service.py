@@ -1,5 +1,14 @@
-"""The service tree of a gateway process: listeners under one ``GatewayService``."""
+"""The service tree of a gateway process, and what signals do to it.
 
+``GatewayService`` owns the listeners, the brokers and the admin endpoint.
+SIGTERM drains (stop accepting, close every WebSocket with 1001, wait up to
+``drain_timeout``, exit 0; a second SIGTERM ends at once). SIGHUP reloads the
+config: new connections see the new routes, policies, limits, admin token and
+certificates; live connections are untouched; an invalid config is logged and
+the old one stays in force.
+"""
+
+import random
 import signal
 
 from twisted.application import service
@@ -9,6 +18,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from wsgate import observe
+from wsgate.config import ConfigError, load
 from wsgate.gateway import Gateway, GatewayFactory
 from wsgate.pubsub.memory import MemoryBroker
 from wsgate.pubsub.redis import RedisBroker
@@ -16,6 +26,40 @@ from wsgate.routing import DefaultRouter
 from wsgate.tap import fail
 
 _log = Logger()
+DRAIN_SPREAD_MAX = 5.0  # closes are spread over up to this many seconds (jitter)
+
+
+class BindError(Exception):
+    """An endpoint could not be bound; the text is the one-line explanation."""
+
+
+def bind(endpoint_text, factory, label):
+    """Listen on *endpoint_text* now (synchronously); return the port or raise BindError."""
+    endpoint = endpoints.serverFromString(reactor, endpoint_text)
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise BindError(f"cannot listen on {endpoint_text} ({label}): the endpoint did not "
+                        "bind at once")
+    result = outcome[0]
+    if not hasattr(result, "getHost"):
+        error = result.value
+        if isinstance(error, CannotListenError):
+            detail = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        else:
+            detail = str(error) or error.__class__.__name__
+        raise BindError(f"cannot listen on {endpoint_text} ({label}): {detail}")
+    return result
+
+
+class _CurrentTLS:
+    """The TLS context of a listener as the *current* config has it (SIGHUP swaps certs)."""
+
+    def __init__(self, gateway, name):
+        self.gateway, self.name = gateway, name
+
+    def getContext(self):
+        return self.gateway.listener(self.name).tls.getContext()
 
 
 class ListenerService(service.Service):
@@ -31,30 +75,61 @@ class ListenerService(service.Service):
         self.listener = listener
         self.port = None
 
-    def privilegedStartService(self):
-        service.Service.privilegedStartService(self)
-        factory = GatewayFactory(self.gateway, self.listener)
+    def factory(self):
+        factory = GatewayFactory(self.gateway, self.listener.name)
         if self.listener.tls is not None:
-            factory = TLSMemoryBIOFactory(self.listener.tls, False, factory)
-        endpoint = endpoints.serverFromString(reactor, self.listener.endpoint)
-        outcome = []
-        endpoint.listen(factory).addBoth(outcome.append)
-        if not outcome:
-            fail(f"cannot listen on {self.listener.endpoint} ([listen:{self.listener.name}]): "
-                 "the endpoint did not bind at start-up")
-        result = outcome[0]
-        if not hasattr(result, "getHost"):
-            error = result.value
-            detail = _describe_listen_error(error)
-            fail(f"cannot listen on {self.listener.endpoint} "
-                 f"([listen:{self.listener.name}]): {detail}")
-        self.port = result
-        address = result.getHost()
+            factory = TLSMemoryBIOFactory(_CurrentTLS(self.gateway, self.listener.name), False,
+                                          factory)
+        return factory
+
+    def bind(self):
+        self.port = bind(self.listener.endpoint, self.factory(), f"[listen:{self.listener.name}]")
+        address = self.port.getHost()
         observe.emit(
             "wsgate.listening", "listening on {address} ([listen:{listener}], tls={tls})",
             listener=self.listener.name, address=observe.format_address(address),
             host=getattr(address, "host", None), port=getattr(address, "port", None),
             tls=self.listener.is_tls)
+
+    def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+        if self.port is None:
+            try:
+                self.bind()
+            except BindError as e:
+                fail(str(e))
+
+    def stopListening(self):
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self.stopListening()
+
+
+class AdminService(service.Service):
+    """Binds the ``[admin]`` endpoint."""
+
+    def __init__(self, gateway, settings):
+        self.gateway, self.settings = gateway, settings
+        self.port = None
+
+    def privilegedStartService(self):
+        from wsgate.admin import AdminSite
+
+        service.Service.privilegedStartService(self)
+        try:
+            self.port = bind(self.settings.endpoint, AdminSite(self.gateway, self.settings),
+                             "[admin]")
+        except BindError as e:
+            fail(str(e))
+        address = self.port.getHost()
+        observe.emit("wsgate.listening", "admin listening on {address}", listener="admin",
+                     address=observe.format_address(address),
+                     host=getattr(address, "host", None), port=getattr(address, "port", None),
+                     tls=False)
 
     def stopService(self):
         service.Service.stopService(self)
@@ -63,30 +138,37 @@ class ListenerService(service.Service):
             return port.stopListening()
 
 
-def _describe_listen_error(error):
-    if isinstance(error, CannotListenError):
-        socket_error = error.socketError
-        return getattr(socket_error, "strerror", None) or str(socket_error)
-    return str(error) or error.__class__.__name__
-
-
 class GatewayService(service.MultiService):
-    """The root of a gateway process; installs the configured log format."""
+    """The root of a gateway process; see the module docstring."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.brokers = {}
         self.broker = self._broker(config.core.broker)
-        self._attach_shared_limiters()
+        self._attach_shared_limiters(config)
         self.gateway = Gateway(config, DefaultRouter(config.routes), self.broker, reactor)
+        self.listeners = {}
         for listener in config.listeners:
-            ListenerService(self.gateway, listener).setServiceParent(self)
+            self._add_listener(listener)
+        if config.admin is not None:
+            AdminService(self.gateway, config.admin).setServiceParent(self)
+        self._warn_unverified(config)
+        self._drain_call = None
+        self._sigterms = 0
+
+    def _add_listener(self, listener):
+        child = ListenerService(self.gateway, listener)
+        child.setServiceParent(self)
+        self.listeners[listener.name] = child
+        return child
+
+    @staticmethod
+    def _warn_unverified(config):
         for route in config.routes:
-            target = route.target
-            if getattr(target, "verify", True) is False:
+            if getattr(route.target, "verify", True) is False:
                 _log.warn("wsgate: route {route}: upstream_verify = no: the certificate of "
-                          "{url} is NOT verified", route=route.name, url=target.url)
+                          "{url} is NOT verified", route=route.name, url=route.target.url)
 
     def _broker(self, name):
         """The broker of ``[broker:name]`` (one per name), or the in-process one."""
@@ -103,25 +185,30 @@ class GatewayService(service.MultiService):
             self.brokers[name] = broker
         return broker
 
-    def _attach_shared_limiters(self):
-        for policy in self.config.policies.values():
+    def _attach_shared_limiters(self, config):
+        for policy in config.policies.values():
             limiter = getattr(policy, "shared", None)
             if limiter is not None:
                 limiter.broker = self._broker(limiter.broker_settings.name)
+
+    # -- start-up
 
     def startService(self):
         super().startService()
         reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self):
-        """SIGTERM stops the reactor and the process exits 0 (Twisted's own handler
-        re-raises the signal at exit, which reads as a crash to supervisors)."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        """Twisted installs no SIGHUP handler (the default ends the process) and its
+        SIGTERM handler re-raises the signal at exit; ours drain and reload."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
         observe.emit("wsgate.ready", "wsgate ready (node {node})",
                      node=self.config.core.node_id)
 
-    def _on_sigterm(self, signum, frame):
-        reactor.callFromThread(reactor.stop)
+    def _on_signal(self, signum, frame):
+        action = self.reload if signum == signal.SIGHUP else self.drain
+        reactor.callFromThread(action)
 
     def setServiceParent(self, parent):
         """twistd starts its log observer after ``makeService``, from a component
@@ -130,3 +217,111 @@ class GatewayService(service.MultiService):
             if self.config.core.log_format == "json":
                 parent.setComponent(ILogObserver, observe.json_observer(self.config.core.node_id))
         return super().setServiceParent(parent)
+
+    # -- SIGTERM: drain
+
+    def drain(self):
+        """Stop accepting, close every WebSocket with 1001, exit when none is left."""
+        self._sigterms += 1
+        if self._sigterms > 1:
+            _log.info("wsgate: stopping now")
+            self._stop()
+            return
+        gateway = self.gateway
+        gateway.draining = True
+        timeout = self.config.core.drain_timeout
+        for child in self.listeners.values():
+            child.stopListening()
+        connections = list(gateway.connections.values())
+        _log.info("wsgate: draining {n} connections (drain_timeout {t}s)", n=len(connections),
+                  t=timeout)
+        spread = min(DRAIN_SPREAD_MAX, timeout / 3)
+        for connection in connections:
+            reactor.callLater(random.uniform(0, spread), _going_away, connection)
+        self._drain_call = reactor.callLater(timeout, self._drain_timed_out)
+        self._wait_until_empty()
+
+    def _wait_until_empty(self):
+        if not self.gateway.connections:
+            self._stop()
+        else:
+            reactor.callLater(0.05, self._wait_until_empty)
+
+    def _drain_timed_out(self):
+        self._drain_call = None
+        _log.warn("wsgate: drain_timeout reached with {n} connections open; stopping",
+                  n=len(self.gateway.connections))
+        self._stop()
+
+    def _stop(self):
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        if reactor.running:
+            reactor.stop()
+
+    # -- SIGHUP: reload
+
+    def reload(self):
+        """Apply the config file again; on any error keep the one in force."""
+        stats = self.gateway.stats
+        try:
+            config = load(self.config.path)
+            self._check_restart_only(config)
+            self._apply_listeners(config)
+        except (ConfigError, BindError) as e:
+            stats.reloads["error"] += 1
+            _log.error("wsgate: config reload failed, keeping generation {generation}: "
+                       "{error}", generation=stats.config_generation, error=str(e))
+            return
+        self._attach_shared_limiters(config)
+        self.config = config
+        self.gateway.apply(config, DefaultRouter(config.routes))
+        stats.reloads["ok"] += 1
+        stats.config_generation += 1
+        self._warn_unverified(config)
+        observe.emit("wsgate.config.reloaded", "config reloaded (generation {generation})",
+                     generation=stats.config_generation, path=config.path)
+
+    def _check_restart_only(self, config):
+        old = self.config
+        if config.core.broker != old.core.broker or config.brokers != old.brokers:
+            raise ConfigError(config.path, "broker", None,
+                              "broker changes need a restart (the running brokers stay)")
+        if config.admin != old.admin and (config.admin is None or old.admin is None
+                                          or config.admin.endpoint != old.admin.endpoint):
+            raise ConfigError(config.path, "admin", "endpoint",
+                              "adding, removing or moving the admin endpoint needs a restart")
+        if config.core.log_format != old.core.log_format:
+            raise ConfigError(config.path, "wsgate", "log_format", "needs a restart")
+
+    def _apply_listeners(self, config):
+        """Bind added or moved endpoints first (all or nothing), then close the old ones."""
+        new = {listener.name: listener for listener in config.listeners}
+        bound = []
+        try:
+            for name, listener in new.items():
+                current = self.listeners.get(name)
+                if current is None or current.listener.endpoint != listener.endpoint:
+                    child = ListenerService(self.gateway, listener)
+                    child.bind()
+                    bound.append((name, child))
+        except BindError:
+            for _, child in bound:
+                child.stopListening()
+            raise
+        for name, child in list(self.listeners.items()):
+            if name not in new or any(name == n for n, _ in bound):
+                child.stopListening()
+                child.disownServiceParent()
+                del self.listeners[name]
+        for name, child in bound:
+            child.setServiceParent(self)
+            self.listeners[name] = child
+        for name, child in self.listeners.items():
+            child.listener = new[name]
+
+
+def _going_away(connection):
+    protocol = connection.protocol
+    if protocol is not None:
+        protocol.close_with(1001, "going away")

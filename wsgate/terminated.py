@@ -130,8 +130,6 @@ class TerminatedProtocol(WebSocketServerProtocol):
     def onOpen(self):
         self._opened = True
         self.gateway.register(self.connection)
-        observe.emit("websocket.connection.accepted", "accepted {client} on route {route}",
-                     **self.connection.fields())
         self.session.opened(self)
         self._touch()
 
@@ -184,18 +182,9 @@ class TerminatedProtocol(WebSocketServerProtocol):
             return
         self._opened = False
         self.session.closed(self)
-        self.gateway.unregister(self.connection)
-        connection = self.connection
         by_gateway = self.closedByMe or self.failedByMe or (self.droppedByMe and not wasClean)
-        closed_by = "gateway" if by_gateway else "client"
-        observe.emit(
-            "websocket.connection.closed",
-            "closed {client} on route {route}: {close_code} {close_reason!r} by {closed_by}",
-            duration_s=round(self.gateway.clock.seconds() - connection.since, 3),
-            messages_in=connection.messages_in, messages_out=connection.messages_out,
-            bytes_in=connection.bytes_in, bytes_out=connection.bytes_out,
-            close_code=code, close_reason=reason, closed_by=closed_by,
-            **connection.fields())
+        self.gateway.unregister(self.connection, code, reason,
+                                "gateway" if by_gateway else "client")
 
     # -- idle timeout: no message in either direction for idle_timeout seconds
 

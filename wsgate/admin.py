@@ -1,0 +1,218 @@
+"""The admin HTTP endpoint: health, metrics, publishing, and live connections.
+
+``/healthz`` and ``/metrics`` need no token; ``/publish/*`` and
+``/connections*`` need ``Authorization: Bearer TOKEN`` when ``[admin] token``
+is set (a token is required unless the endpoint is loopback-only).
+"""
+
+import hmac
+import json
+from urllib.parse import unquote
+
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from wsgate.metrics import GatewayCollector
+from wsgate.pubsub import Message
+
+_log = Logger()
+
+
+class _LimitedRequest(server.Request):
+    """A request whose body is refused (413) past the site's ``max_body`` bytes."""
+
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length):
+        limit = self.channel.site.max_body
+        if length is not None and length > limit:
+            self.too_large = True
+        super().gotLength(length if not self.too_large else 0)
+
+    def handleContentChunk(self, data):
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self.too_large = True
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+
+def _json(request, status, body):
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode() + b"\n"
+
+
+class _Base(resource.Resource):
+    def __init__(self, admin):
+        super().__init__()
+        self.admin = admin
+
+    def authorized(self, request):
+        token = self.admin.token()
+        if not token:
+            return True
+        value = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        presented = value[7:].strip() if value[:7].lower() == "bearer " else ""
+        return hmac.compare_digest(presented.encode(), token.encode())
+
+    def deny(self, request):
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="wsgate-admin"')
+        return _json(request, 401, {"error": "unauthorized"})
+
+    def not_allowed(self, request, allowed):
+        request.setHeader(b"Allow", allowed.encode())
+        return _json(request, 405, {"error": "method not allowed"})
+
+    def render(self, request):
+        allowed = [m for m in ("GET", "POST", "DELETE") if hasattr(self, f"render_{m}")]
+        handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        if handler is None:
+            return self.not_allowed(request, ", ".join(allowed))
+        return handler(request)
+
+
+class Health(_Base):
+    isLeaf = True
+
+    def render_GET(self, request):
+        body = self.admin.health()
+        return _json(request, 200 if body["status"] == "ok" else 503, body)
+
+
+class Metrics(_Base):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return generate_latest(self.admin.registry)
+
+
+class Publish(_Base):
+    """``POST /publish/{channel}``: text for text/* and JSON bodies, binary otherwise."""
+
+    isLeaf = True
+
+    def render_POST(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        if request.too_large:
+            return _json(request, 413, {"error": "body too large",
+                                        "limit": self.admin.max_body})
+        channel = unquote("/".join(p.decode("utf-8", "replace") for p in request.postpath))
+        if not channel:
+            return _json(request, 404, {"error": "no channel in the path"})
+        body = request.content.read()
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        is_text = ctype.startswith(b"text/") or ctype == b"application/json" or \
+            ctype.endswith(b"+json")
+        if is_text:
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                return _json(request, 400, {"error": "a text body must be UTF-8"})
+        message = Message(body, not is_text, self.admin.node_id, "admin")
+        d = self.admin.broker.publish(channel, message)
+
+        def done(receivers):
+            request.write(_json(request, 202, {"channel": channel, "receivers": receivers}))
+            request.finish()
+
+        def failed(failure):
+            request.write(_json(request, 503, {"error": "broker unavailable"}))
+            request.finish()
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
+class Connections(_Base):
+    """``GET /connections`` lists; ``DELETE /connections/{id}`` closes (1008 or ?code=)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        if request.postpath and request.postpath[0]:
+            return _json(request, 404, {"error": "not found"})
+        return _json(request, 200, {"connections": self.admin.list_connections()})
+
+    def render_DELETE(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        conn_id = request.postpath[0].decode() if request.postpath else ""
+        args = request.args
+        try:
+            code = int(args.get(b"code", [b"1008"])[0])
+        except ValueError:
+            code = -1
+        if code not in (1000, 1001, 1008) and not 3000 <= code <= 4999:
+            return _json(request, 400, {"error": "code must be 1000, 1001, 1008 or 3000-4999"})
+        reason = args.get(b"reason", [b"kicked by admin"])[0].decode("utf-8", "replace")[:120]
+        if not self.admin.kick(conn_id, code, reason):
+            return _json(request, 404, {"error": "no such connection", "id": conn_id})
+        return _json(request, 200, {"id": conn_id, "closed": True, "code": code,
+                                    "reason": reason})
+
+
+class AdminSite(server.Site):
+    """The admin endpoint's site; answers from the gateway it is given."""
+
+    requestFactory = _LimitedRequest
+    noisy = False
+
+    def __init__(self, gateway, settings):
+        self.gateway = gateway
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(gateway))
+        root = resource.Resource()
+        root.putChild(b"healthz", Health(self))
+        root.putChild(b"metrics", Metrics(self))
+        root.putChild(b"publish", Publish(self))
+        root.putChild(b"connections", Connections(self))
+        super().__init__(root)
+        self.displayTracebacks = False
+
+    def log(self, request):
+        pass  # the gateway's own events are its access log
+
+    @property
+    def max_body(self):
+        return self.gateway.config.admin.max_publish_size
+
+    def token(self):
+        return self.gateway.config.admin.token  # follows reloads
+
+    @property
+    def broker(self):
+        return self.gateway.broker
+
+    @property
+    def node_id(self):
+        return self.gateway.node_id
+
+    def health(self):
+        gateway = self.gateway
+        broker = gateway.broker.state
+        status = "draining" if gateway.draining else "broker_down" if broker == "down" else "ok"
+        return {"status": status, "connections": len(gateway.connections), "broker": broker,
+                "config_generation": gateway.stats.config_generation}
+
+    def list_connections(self):
+        return [{"id": c.conn_id, "route": c.route, "client": c.client, "identity": c.identity,
+                 "since": c.since, "messages_in": c.messages_in,
+                 "messages_out": c.messages_out, "bytes_in": c.bytes_in,
+                 "bytes_out": c.bytes_out}
+                for c in self.gateway.connections.values()]
+
+    def kick(self, conn_id, code, reason):
+        connection = self.gateway.connections.get(conn_id)
+        if connection is None or connection.protocol is None:
+            return False
+        connection.protocol.close_with(code, reason)
+        return True
+
