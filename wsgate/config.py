@@ -101,6 +101,8 @@ class BroadcastTarget:
     channel: str
     client_publish: bool = True
     include_sender: bool = False
+    max_send_buffer: int = 1024 * 1024
+    slow_consumer: str = "drop"
     kind = "broadcast"
 
     def channel_for(self, params):
@@ -108,6 +110,57 @@ class BroadcastTarget:
 
     def describe(self):
         return f"broadcast {self.channel}"
+
+
+@dataclass(frozen=True)
+class StaticTarget:
+    """Serve the files of a directory to plain GET requests (read once, at load)."""
+
+    directory: str
+    files: dict = field(compare=False, repr=False)  # relative path → (bytes, content type)
+    kind = "static"
+
+    def describe(self):
+        return f"static {self.directory}"
+
+    def lookup(self, tail):
+        """The (body, content type) for the request's tail, or None."""
+        return self.files.get(tail or "index.html")
+
+
+_STATIC_LIMIT = 8 * 1024 * 1024
+
+
+def _load_static(section, value, base):
+    """``DIR`` (relative to the config file) or ``@name``: a directory bundled with wsgate."""
+    import mimetypes
+
+    if value.startswith("@"):
+        directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", value[1:])
+    else:
+        directory = _resolve(base, value)
+    if not os.path.isdir(directory):
+        raise section.error("static", f"expected a directory, {directory} is not one")
+    files, total = {}, 0
+    for root, _, names in os.walk(directory):
+        for filename in sorted(names):
+            path = os.path.join(root, filename)
+            relative = os.path.relpath(path, directory).replace(os.sep, "/")
+            try:
+                with open(path, "rb") as f:
+                    body = f.read()
+            except OSError as e:
+                raise section.error("static", f"cannot read {path}: {e.strerror}") from None
+            total += len(body)
+            if total > _STATIC_LIMIT:
+                raise section.error("static", f"{directory} holds more than 8 MiB: static "
+                                    "routes are for small pages (files are kept in memory)")
+            ctype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            if ctype.startswith("text/") or ctype in ("application/javascript",
+                                                      "application/json"):
+                ctype += "; charset=utf-8"
+            files[relative] = (body, ctype)
+    return StaticTarget(value, files)
 
 
 @dataclass(frozen=True)
@@ -294,7 +347,7 @@ def _build(path, parser):
     built_routes = []
     for section in routes:
         built_routes.append(
-            _route(section, section.name.partition(":")[2], listener_names, policies))
+            _route(section, section.name.partition(":")[2], listener_names, policies, base))
         section.finish()
     return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers, admin)
 
@@ -511,7 +564,7 @@ def _upstream(section, path):
         tls_options=tls_options)
 
 
-def _route(section, name, listener_names, policies):
+def _route(section, name, listener_names, policies, base):
     host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
     path = section.take("path", PathPattern.parse)
     listeners = section.take("listeners", units.parse_list, None)
@@ -526,10 +579,11 @@ def _route(section, name, listener_names, policies):
         if policy not in policies:
             known = ", ".join(sorted(policies)) or "none"
             raise section.error("policies", f"no [policy:{policy}] section (known: {known})")
-    targets = [key for key in ("echo", "broadcast", "upstream") if section.has(key)]
+    targets = [key for key in ("echo", "broadcast", "upstream", "static")
+               if section.has(key)]
     if not targets:
-        raise section.error(None, "expected one target: echo = yes, broadcast = CHANNEL "
-                            "or upstream = URL")
+        raise section.error(None, "expected one target: echo = yes, broadcast = CHANNEL, "
+                            "upstream = URL or static = DIR")
     if len(targets) > 1:
         raise section.error(targets[1], f"a route has one target; {targets[0]} is set too")
     kind = targets[0]
@@ -548,7 +602,13 @@ def _route(section, name, listener_names, policies):
             channel=channel,
             client_publish=section.take("client_publish", units.parse_bool, True),
             include_sender=section.take("include_sender", units.parse_bool, False),
+            max_send_buffer=section.take("max_send_buffer", units.parse_size, 1024 * 1024),
+            slow_consumer=section.take("slow_consumer", _choice("drop", "close"), "drop"),
         )
+    elif kind == "static":
+        if not path.prefix:
+            raise section.error("path", "a static route needs a /prefix/* path")
+        target = _load_static(section, section.take("static", _non_empty), base)
     else:
         target = _upstream(section, path)
     return RouteSettings(

@@ -105,6 +105,11 @@ class Gateway:
                                        [("Retry-After", str(RETRY_AFTER_SECONDS))])
             refusal.route = match.route.name
             raise refusal
+        if match.route.target.kind == "static":
+            if head.method not in ("GET", "HEAD"):
+                raise http.HttpRefusal(405, "bad_request", "Method Not Allowed",
+                                       [("Allow", "GET, HEAD")])
+            return match
         try:
             http.check_websocket_upgrade(head)
         except http.HttpRefusal as refusal:
@@ -288,11 +293,29 @@ class HandshakeProtocol(Protocol):
         if match.route.target.kind == "upstream":
             self._open_upstream(match, head, connection, outcome.headers)
             return
+        if match.route.target.kind == "static":
+            self._serve_static(match, head)
+            return
         self._done = True
         self._cancel_timer()
         self._outcome = None  # the protocol owns it from here
         protocol = build_terminated_protocol(self.gateway, self.listener, match, connection)
         self._hand_over(protocol)
+
+    def _serve_static(self, match, head):
+        """A static route: the file for the tail, then close (no keep-alive)."""
+        found = match.route.target.lookup(match.tail)
+        if found is None or head.wants_websocket:
+            refusal = http.HttpRefusal(404, "no_route", "Not Found")
+            refusal.route = match.route.name
+            self._refuse(refusal)
+            return
+        self._done = True
+        self._cancel_timer()
+        self._release()
+        body, ctype = found
+        self.transport.write(http.render_file(body, ctype, head.method == "HEAD"))
+        self.transport.loseConnection()
 
     def _open_upstream(self, match, head, connection, extra_headers):
         """Proxy route: the upstream answers first; the client gets its 101 after."""

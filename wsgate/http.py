@@ -182,3 +182,16 @@ def render_refusal(refusal):
         extra.append(("Connection", "close"))
     lines.extend(f"{name}: {value}" for name, value in extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def render_file(body, content_type, head_only=False):
+    """A 200 response carrying *body* (static routes)."""
+    lines = [
+        "HTTP/1.1 200 OK",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-cache",
+        "X-Content-Type-Options: nosniff",
+        "Connection: close",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)

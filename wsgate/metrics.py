@@ -31,7 +31,6 @@ class Stats:
         self.handshake_buckets = defaultdict(lambda: [0] * (len(HANDSHAKE_BUCKETS) + 1))
         self.handshake_sum = defaultdict(float)
         self.upstream_errors = defaultdict(int)  # (route, kind)
-        self.deliveries = defaultdict(int)  # route
         self.dropped = defaultdict(int)  # (route, reason)
         self.shadow_denials = defaultdict(int)  # (route, policy)
         self.reloads = defaultdict(int)  # result
@@ -62,9 +61,6 @@ class Stats:
 
     def shadow_denied(self, route, policy):
         self.shadow_denials[(route, policy)] += 1
-
-    def delivered(self, route, count=1):
-        self.deliveries[route] += count
 
     def drop(self, route, reason):
         self.dropped[(route, reason)] += 1
@@ -114,8 +110,11 @@ class GatewayCollector:
         yield h
         yield _counter("wsgate_upstream_errors_total", "Upstream failures", ["route", "kind"],
                        stats.upstream_errors)
+        broadcast = {route.name for route in gateway.config.routes
+                     if route.target.kind == "broadcast"}
         yield _counter("wsgate_broadcast_deliveries_total", "Broadcast messages delivered",
-                       ["route"], {(r,): n for r, n in stats.deliveries.items()})
+                       ["route"], {(r,): n for (r, d), n in messages.items()
+                                   if d == "out" and r in broadcast})
         yield _counter("wsgate_broadcast_dropped_total", "Broadcast messages not delivered",
                        ["route", "reason"], stats.dropped)
         yield _counter("wsgate_policy_shadow_denials_total",

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from wsgate import frames, http, observe
 from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
 from wsgate.policies import DROP, apply_sessions
+from wsgate.terminated import log_message
 
 _log = Logger()
 
@@ -285,12 +286,18 @@ class ClientLeg(Protocol):
         self.relay.client_lost()
 
 
-def _policy_hook(sessions, direction):
-    """The scanner's per-message callback for the policies' sessions (None: no hook)."""
-    if not sessions:
+def _message_hook(connection, sessions, direction, log_messages):
+    """The scanner's per-message callback: policies' sessions and ``log_messages``
+    (None when neither is configured: the message path stays free of calls)."""
+    if not sessions and not log_messages:
         return None
+    verb = "received" if direction == "in" else "sent"
 
     def on_message(opcode, size):
+        if log_messages:
+            log_message(connection, verb, size, opcode == frames.OP_BINARY)
+        if not sessions:
+            return None
         verdict = apply_sessions(sessions, direction, opcode == frames.OP_BINARY, size)
         if verdict is None:
             return None
@@ -310,10 +317,11 @@ class Relay:
         self.route = route
         limit = route.max_message_size or listener.max_message_size
         sessions = connection.outcome.sessions if connection.outcome is not None else ()
+        log_messages = gateway.config.core.log_messages
         self.client = _Leg("client", client_transport, frames.FrameScanner(
-            limit, _policy_hook(sessions, "in")), False)
+            limit, _message_hook(connection, sessions, "in", log_messages)), False)
         self.upstream = _Leg("upstream", upstream_leg.transport, frames.FrameScanner(
-            1 << 62, _policy_hook(sessions, "out")), True)
+            1 << 62, _message_hook(connection, sessions, "out", log_messages)), True)
         self.ping_interval = listener.ping_interval
         self.ping_timeout = listener.ping_timeout
         idle = route.idle_timeout if route.idle_timeout is not None else listener.idle_timeout

@@ -11,6 +11,9 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
+from collections import deque
+
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -76,6 +79,12 @@ def make_websocket_factory(listener, clock):
     return factory
 
 
+def log_message(connection, verb, size, is_binary):
+    """``websocket.message.received`` / ``.sent`` (only with ``log_messages = yes``)."""
+    observe.emit(f"websocket.message.{verb}", f"message {verb} on {{route}}: {{size}} bytes",
+                 size=size, binary=is_binary, **connection.fields())
+
+
 def build_terminated_protocol(gateway, listener, match, connection):
     """The WebSocket protocol (with its session) for an accepted terminated route."""
     factory = gateway.websocket_factory(listener)
@@ -90,7 +99,7 @@ def build_terminated_protocol(gateway, listener, match, connection):
     else:
         session = BroadcastSession(
             gateway.broker, route.target.channel_for(match.params), route.target,
-            gateway.node_id)
+            gateway.node_id, gateway.stats, route.name)
     protocol.bind(gateway, connection, session, idle)
     return protocol
 
@@ -107,6 +116,7 @@ class TerminatedProtocol(WebSocketServerProtocol):
         self._opened = False
         outcome = connection.outcome
         self.sessions = outcome.sessions if outcome is not None else ()
+        self.log_messages = gateway.config.core.log_messages
         connection.protocol = self
 
     # -- handshake: the gateway already decided; Autobahn only completes it.
@@ -140,6 +150,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
         self._touch()
         if self.sessions and self._refused_by_policy("in", isBinary, len(payload)):
             return
+        if self.log_messages:
+            log_message(connection, "received", len(payload), isBinary)
         self.session.message(self, payload, isBinary)
 
     def _refused_by_policy(self, direction, is_binary, size):
@@ -158,6 +170,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.connection.messages_out += 1
             self.connection.bytes_out += len(payload)
+            if self.log_messages:
+                log_message(self.connection, "sent", len(payload), is_binary)
             self.sendMessage(payload, is_binary)
 
     def send_prepared(self, prepared, size, is_binary):
@@ -167,6 +181,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
             self.connection.messages_out += 1
             self.connection.bytes_out += size
             self._touch()
+            if self.log_messages:
+                log_message(self.connection, "sent", size, is_binary)
             self.sendPreparedMessage(prepared)
 
     def close_with(self, code, reason):
@@ -219,21 +235,34 @@ class EchoSession:
         pass
 
 
-@implementer(ISubscriber)
+@implementer(ISubscriber, IPushProducer)
 class BroadcastSession:
-    """A subscriber of one channel; publishes what its client sends (if allowed)."""
+    """A subscriber of one channel; publishes what its client sends (if allowed).
 
-    def __init__(self, broker, channel, target, node_id):
+    Slow consumers: the session is its transport's streaming producer, so
+    Twisted tells it when the socket's write buffer is full
+    (``pauseProducing``). While paused, deliveries wait in a queue bounded by
+    the route's ``max_send_buffer`` bytes; past that the route's
+    ``slow_consumer`` applies: ``drop`` the message for this subscriber
+    (counted) or ``close`` it with 1013. Fan-out never waits for anyone.
+    """
+
+    def __init__(self, broker, channel, target, node_id, stats, route):
         self.broker = broker
         self.channel = channel
         self.target = target
         self.node_id = node_id
+        self.stats, self.route = stats, route
         self.protocol = None
         self.conn_id = None
+        self.paused = False
+        self.queue = deque()
+        self.queued_bytes = 0
 
     def opened(self, protocol):
         self.protocol = protocol
         self.conn_id = protocol.connection.conn_id
+        protocol.transport.registerProducer(self, True)
         self.broker.subscribe(self.channel, self)
 
     def message(self, protocol, payload, is_binary):
@@ -247,13 +276,48 @@ class BroadcastSession:
     def _publish_failed(self, failure, protocol):
         _log.warn("wsgate: publish to {channel} failed: {error}", channel=self.channel,
                   error=failure.getErrorMessage())
+        self.stats.drop(self.route, "broker_down")
         protocol.close_with(CLOSE_TRY_AGAIN_LATER, "broker unavailable")
 
     def deliver(self, message, prepared):
         if message.origin_conn == self.conn_id and not self.target.include_sender:
             return
-        self.protocol.send_prepared(prepared, len(message.payload), message.is_binary)
+        size = len(message.payload)
+        if not self.paused and not self.queue:
+            self.protocol.send_prepared(prepared, size, message.is_binary)
+            return
+        if self.queued_bytes + size > self.target.max_send_buffer:
+            self._too_slow()
+            return
+        self.queue.append((prepared, size, message.is_binary))
+        self.queued_bytes += size
+
+    def _too_slow(self):
+        if self.target.slow_consumer == "drop":
+            self.stats.drop(self.route, "slow_consumer")
+            return
+        if self.protocol.state == self.protocol.STATE_OPEN:
+            self.stats.drop(self.route, "slow_consumer_closed")
+            self.queue.clear()
+            self.queued_bytes = 0
+            self.protocol.close_with(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+
+    # IPushProducer: Twisted's verdict on the socket's write buffer
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        while self.queue and not self.paused:
+            prepared, size, is_binary = self.queue.popleft()
+            self.queued_bytes -= size
+            self.protocol.send_prepared(prepared, size, is_binary)
+
+    def stopProducing(self):
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def closed(self, protocol):
         self.broker.unsubscribe(self.channel, self)
-
+        self.stopProducing()

@@ -181,12 +181,12 @@ class RedisBroker(MultiService):
 
     def subscribe(self, channel, subscriber):
         if self.local.add(channel, subscriber) and self._sub is not None:
-            d = self._sub.subscribe(self.prefix + channel.encode())
+            d = self._sub.subscribe([self.prefix + channel.encode()])
             d.addErrback(self._log_failure, "SUBSCRIBE", channel)
 
     def unsubscribe(self, channel, subscriber):
         if self.local.remove(channel, subscriber) and self._sub is not None:
-            d = self._sub.unsubscribe(self.prefix + channel.encode())
+            d = self._sub.unsubscribe([self.prefix + channel.encode()])
             d.addErrback(self._log_failure, "UNSUBSCRIBE", channel)
 
     def publish(self, channel, message):
