@@ -201,6 +201,8 @@ log_format = json
 
 [listen:main]
 endpoint = tcp:0:interface=127.0.0.1
+; the load generator never answers pings
+ping_interval = 0
 
 [admin]
 endpoint = tcp:0:interface=127.0.0.1
@@ -267,4 +269,59 @@ def test_slow_consumer_is_dropped_or_closed_while_others_get_everything(tmp_path
         assert float(line.split()[-1]) >= 1
     finally:
         stuck.close()
+        assert gw.stop() == 0
+
+
+def _rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_thousand_subscribers_ten_stuck_100mib_keeps_memory_bounded(tmp_path, capsys):
+    """1,000 subscribers, 10 never read, 100 MiB published: RSS grows by under 64 MiB."""
+    import subprocess
+    import sys
+    import threading
+
+    from harness import PEERS
+
+    gw = start_gateway(tmp_path, _slow_config("drop", buffer="1MiB"), base=SLOW_BASE,
+                       listeners=("main", "admin"))
+    try:
+        load = subprocess.Popen(
+            [sys.executable, f"{PEERS}/fanout_load.py", str(gw.port()), "/feed", "1000", "10",
+             "1600", "65500", "32"], stdout=subprocess.PIPE, text=True)
+        assert json.loads(load.stdout.readline())["ready"]
+        pid, peak = gw.proc.pid, 0
+        baseline = _rss_kib(pid)
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.wait(0.2):
+                peak = max(peak, _rss_kib(pid))
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        result = json.loads(load.stdout.readline())
+        done.set()
+        sampler.join()
+        load.wait(30)
+        peak = max(peak, _rss_kib(pid))
+        growth = (peak - baseline) / 1024
+        with capsys.disabled():
+            print(f"\nfan-out 1000 subscribers (10 stuck), 100 MiB published: "
+                  f"{result['complete']}/{result['readers']} readers complete in "
+                  f"{result['seconds']}s; RSS {baseline / 1024:.1f} -> {peak / 1024:.1f} MiB "
+                  f"(growth {growth:.1f} MiB)")
+        assert result["complete"] == result["readers"] == 990
+        assert growth < 64
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{gw.port('admin')}/metrics", timeout=5).read().decode()
+        dropped = next(line for line in metrics.splitlines() if line.startswith(
+            'wsgate_broadcast_dropped_total{reason="slow_consumer",route="feed"}'))
+        assert float(dropped.split()[-1]) > 0
+    finally:
         assert gw.stop() == 0

@@ -143,6 +143,7 @@ class GatewayService(service.MultiService):
 
     def __init__(self, config):
         super().__init__()
+        _raise_open_file_limit()
         self.config = config
         self.brokers = {}
         self.broker = self._broker(config.core.broker)
@@ -319,6 +320,19 @@ class GatewayService(service.MultiService):
             self.listeners[name] = child
         for name, child in self.listeners.items():
             child.listener = new[name]
+
+
+def _raise_open_file_limit():
+    """One socket per connection: use the hard open-file limit, not the soft default
+    (often 1024), as nginx's worker_rlimit_nofile would."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _going_away(connection):
