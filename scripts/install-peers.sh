@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite talks to, idempotently:
 #   - Node.js and the npm `ws` package (tests/peers): the upstream WebSocket servers
+#   - redis-server: the tests start their own on free ports (never the machine's 6379)
+#   - Debian's chromium: the demo page test drives it through Playwright
 #   - the Autobahn testsuite (wstest) in a Python 2.7 virtualenv (.venv-wstest)
 # Safe to run again: each step checks before it installs. Runs as root in CI
 # (apt-get); elsewhere it needs sudo rights only for the missing system packages.
@@ -22,6 +24,8 @@ apt_install() {
 }
 
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+command -v redis-server >/dev/null || apt_install redis-server
+[ -x /usr/bin/chromium ] || apt_install chromium fonts-dejavu-core
 
 if [ ! -f "$root/tests/peers/node_modules/ws/package.json" ]; then
     (cd "$root/tests/peers" && npm ci --no-audit --no-fund --silent)

@@ -24,6 +24,7 @@ from harness import ROOT, NodeUpstream, run_twistd_expecting_failure, start_gate
 import wsgate
 
 CLI = [sys.executable, "-m", "wsgate.cli"]
+ADMIN_TOKEN = "cli-test-token"
 RUN_TIMEOUT = 30
 
 
@@ -113,6 +114,10 @@ def gateway(tmp_path_factory, upstream, ca):
     cert, key = ca.write_leaf(directory, "server", "127.0.0.1")
     ca.write_ca(directory / "ca.pem")
     gw = start_gateway(directory, f"""
+        [admin]
+        endpoint = tcp:0:interface=127.0.0.1
+        token = {ADMIN_TOKEN}
+
         [listen:deflate]
         endpoint = tcp:0:interface=127.0.0.1
         compression = permessage-deflate
@@ -130,11 +135,16 @@ def gateway(tmp_path_factory, upstream, ca):
         path = /chat/{{room}}
         broadcast = room:{{room}}
 
+        [route:vhost]
+        host = api.example.com
+        path = /v
+        echo = yes
+
         [route:up]
         path = /up/*
         upstream = ws://127.0.0.1:{upstream.port}{{path}}
         forward_headers = X-Tenant
-        """, listeners=("main", "deflate", "secure"))
+        """, listeners=("main", "admin", "deflate", "secure"))
     gw.ca_path = directory / "ca.pem"
     yield gw
     assert gw.stop() == 0
@@ -177,10 +187,9 @@ def test_check_default_config_lists_listeners_and_routes(scratch):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out = result.stdout
-    assert "OK (1 listener, 2 routes)" in out
+    assert out.startswith(f"{os.path.join(ROOT, 'etc', 'wsgate.ini')}: OK (1 listener, ")
     listener = next(line for line in out.splitlines() if line.startswith("main "))
-    assert listener.split() == ["main", "tcp:8080:interface=127.0.0.1", "no", "10s", "30s,",
-                                "timeout", "10s", "off", "1MiB", "off"]
+    assert listener.split()[:3] == ["main", "tcp:8080:interface=127.0.0.1", "no"]
     routes = [line.split() for line in out.splitlines() if line.startswith(("echo ", "chat "))]
     assert routes == [["echo", "*", "/echo", "all", "echo"],
                       ["chat", "*", "/chat/{room}", "all", "broadcast", "room:{room}"]]
@@ -230,6 +239,8 @@ def test_check_lists_routes_in_matching_order(scratch):
     rows = {line.split()[0]: line for line in lines if line.strip()}
     assert "4KiB" in rows["exact"] and " tls " in rows["exact"]
     assert "idle_timeout=30s" in rows["named"]
+    assert rows["main"].split() == ["main", "tcp:0:interface=127.0.0.1", "no", "10s", "30s,",
+                                    "timeout", "10s", "off", "1MiB", "off"]
     assert "64KiB (frames 16KiB)" in rows["tls"]
     assert rows["tls"].split()[4] == "off"  # ping_interval = 0
 
@@ -328,6 +339,15 @@ def test_connect_x_through_the_echo_route(gateway, scratch):
     assert result.stdout == "hello\nhéllo wörld\n"
     assert f"connected to {gateway.url('/echo')}" in result.stderr
     assert result.stderr.splitlines()[-1] == "closed: 1000"
+
+
+def test_connect_host_header_selects_a_host_route(gateway, scratch):
+    result = wsgate_cli("connect", "-H", "Host: api.example.com", "-x", "by name",
+                        "--wait", "300ms", gateway.url("/v"), cwd=scratch)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "by name\n"
+    plain = wsgate_cli("connect", "-x", "by ip", gateway.url("/v"), cwd=scratch)
+    assert plain.returncode == 1 and plain.stderr.startswith("handshake refused: 404")
 
 
 def test_connect_binary_messages_print_as_hex_or_size(gateway, scratch):
@@ -513,9 +533,66 @@ def test_connect_ctrl_c_closes_with_1000(gateway, scratch):
         client.stop()
 
 
+# ------------------------------------------------------------------ admin API, end to end
+
+
+def _admin_args(gateway):
+    return ["--admin", f"http://127.0.0.1:{gateway.port('admin')}", "--token", ADMIN_TOKEN]
+
+
+def test_publish_reaches_a_connect_subscriber_in_the_same_room(gateway, scratch):
+    subscriber = CliProcess("connect", gateway.url("/chat/published"), cwd=scratch)
+    try:
+        subscriber.expect(subscriber.err, lambda line: line.startswith("connected to "))
+        result = wsgate_cli("publish", *_admin_args(gateway), "room:published", "from admin",
+                            cwd=scratch)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"channel": "room:published", "receivers": 1}
+        assert subscriber.expect(subscriber.out, lambda line: True) == "from admin"
+        binary = wsgate_cli("publish", *_admin_args(gateway), "--binary", "room:published",
+                            "-", input="\x01\x02", cwd=scratch)
+        assert binary.returncode == 0, binary.stderr
+        assert subscriber.expect(subscriber.out, lambda line: True) == "<binary 2 bytes: 0102>"
+        subscriber.proc.stdin.close()
+        assert subscriber.wait() == 0
+    finally:
+        subscriber.stop()
+
+
+def test_connections_lists_and_kicks_a_connect_session(gateway, scratch):
+    session = CliProcess("connect", gateway.url("/chat/kick-me"), cwd=scratch)
+    try:
+        session.expect(session.err, lambda line: line.startswith("connected to "))
+        listed = wsgate_cli("connections", *_admin_args(gateway), "--json", cwd=scratch)
+        assert listed.returncode == 0, listed.stderr
+        mine = [c for c in json.loads(listed.stdout)["connections"] if c["route"] == "chat"]
+        assert len(mine) == 1
+        table = wsgate_cli("connections", *_admin_args(gateway), cwd=scratch)
+        assert any(line.split()[:2] == [mine[0]["id"], "chat"]
+                   for line in table.stdout.splitlines())
+        kicked = wsgate_cli("connections", *_admin_args(gateway), "--kick", mine[0]["id"],
+                            "--code", "4002", "--reason", "bye now", cwd=scratch)
+        assert kicked.returncode == 0, kicked.stderr
+        assert json.loads(kicked.stdout)["closed"] is True
+        assert session.wait() == 3
+        session.expect(session.err, lambda line: line == "closed: 4002 bye now")
+        again = wsgate_cli("connections", *_admin_args(gateway), "--kick", mine[0]["id"],
+                           cwd=scratch)
+        assert again.returncode == 1 and "404" in again.stderr
+    finally:
+        session.stop()
+
+
+def test_admin_wrong_token_exits_1(gateway, scratch):
+    result = wsgate_cli("connections", "--admin", f"http://127.0.0.1:{gateway.port('admin')}",
+                        "--token", "wrong", cwd=scratch)
+    assert result.returncode == 1
+    assert result.stderr.startswith("wsgate: the admin API answered 401 ")
+
+
 # ------------------------------------------------------------------ admin API clients
-# The admin endpoint is not built yet: a fake HTTP server checks what the
-# commands send and how they print what it answers.
+# Argument handling and printing, against a fake HTTP server that records
+# what the commands send.
 
 
 class FakeAdmin:
@@ -639,9 +716,82 @@ def test_admin_unreachable_exits_2(scratch):
 @pytest.mark.parametrize("args,message", [
     (["publish", "--admin", "ftp://x", "room:a", "x"], "--admin expects an http://"),
     (["connections", "--code", "4000"], "--code and --reason go with --kick"),
-    (["connections", "--kick", "c1", "--code", "1005"], "expected 1000"),
+    (["connections", "--kick", "c1", "--code", "1005"], "expected 1000, 1001, 1008 or"),
 ])
 def test_admin_bad_arguments_are_usage_errors(scratch, args, message):
     result = wsgate_cli(*args, cwd=scratch)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# ------------------------------------------------------------------ pure logic
+
+
+def test_parse_target_defaults_ports_and_keeps_the_query():
+    from wsgate.cli_connect import parse_target
+
+    assert parse_target("ws://example.com/a?b=1").port == 80
+    assert parse_target("ws://example.com/a?b=1").resource == "/a?b=1"
+    secure = parse_target("wss://[::1]")
+    assert (secure.secure, secure.host, secure.port, secure.resource) == (True, "::1", 443, "/")
+    assert secure.authority == "[::1]:443"
+    for bad in ("http://x/", "ws:///path", "ws://x/#frag", "ws://x:99999/"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
+
+
+def test_repeated_headers_are_joined_and_host_agent_origin_are_separate():
+    from wsgate.cli_connect import ConnectOptions, parse_header, parse_target
+
+    headers = tuple(parse_header(text) for text in (
+        "X-A: 1", "x-a: 2", "Host: h.example", "User-Agent: me/1", "Origin: https://o"))
+    options = ConnectOptions(parse_target("ws://x/"), headers=headers)
+    assert options.request_headers() == ("h.example", "me/1", "https://o", {"X-A": "1, 2"})
+    assert ConnectOptions(parse_target("ws://x/"), headers=headers,
+                          origin="https://flag").request_headers()[2] == "https://flag"
+
+
+def test_describe_binary_shows_hex_up_to_64_bytes():
+    from wsgate.cli_connect import describe_binary
+
+    assert describe_binary(b"") == "<binary 0 bytes>"
+    assert describe_binary(b"\x00") == "<binary 1 byte: 00>"
+    assert describe_binary(b"\xff" * 64) == f"<binary 64 bytes: {'ff' * 64}>"
+    assert describe_binary(b"\xff" * 65) == "<binary 65 bytes>"
+
+
+def test_dechunk_waits_for_the_last_chunk():
+    from wsgate.cli_connect import _dechunk
+
+    assert _dechunk(b"5\r\nhello\r\n") is None
+    assert _dechunk(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n") == b"hello world"
+
+
+def test_refusal_lines_show_status_body_and_useful_headers():
+    from wsgate.cli_connect import Refusal
+
+    refusal = Refusal(429, "Too Many Requests", {"retry-after": "5"}, b"slow down\n")
+    assert refusal.lines() == ["handshake refused: 429 slow down", "  Retry-After: 5"]
+    assert Refusal(503, "Service Unavailable", {}).lines() == [
+        "handshake refused: 503 Service Unavailable"]
+
+
+def test_publish_message_from_stdin_drops_one_line_ending():
+    import io
+
+    from wsgate.cli_admin import message_from
+
+    assert message_from("hi", None, False) == b"hi"
+    assert message_from("-", io.BytesIO(b"a\nb\n\n"), False) == b"a\nb\n"
+    assert message_from(None, io.BytesIO(b"x\r\n"), False) == b"x"
+    assert message_from("-", io.BytesIO(b"\xff\n"), True) == b"\xff\n"
+    with pytest.raises(ValueError):
+        message_from("-", io.BytesIO(b"\xff"), False)
+
+
+def test_admin_requests_quote_channel_and_id():
+    from wsgate.cli_admin import kick_request, publish_request
+
+    request = publish_request("http://a:1/", "room:a b/c", b"m")
+    assert request.url == "http://a:1/publish/room:a%20b%2Fc"
+    assert kick_request("http://a:1", "x/y").url == "http://a:1/connections/x%2Fy"

@@ -194,6 +194,7 @@ def test_every_builtin_policy_type_is_a_plugin_and_builds_an_ipolicy(tmp_path):
 
 def test_sessions_subscribers_and_brokers_provide_their_interfaces():
     from wsgate.config import BroadcastTarget, BrokerSettings
+    from wsgate.metrics import Stats
     from wsgate.policies.connlimit import _Slot
     from wsgate.policies.ratelimit import MessageLimit
     from wsgate.pubsub.memory import MemoryBroker
@@ -205,6 +206,6 @@ def test_sessions_subscribers_and_brokers_provide_their_interfaces():
     verifyObject(IBroker, MemoryBroker())
     verifyObject(IBroker, RedisBroker(
         BrokerSettings("r", "redis", url="redis://127.0.0.1:1/0"), Clock()))
-    session = BroadcastSession(MemoryBroker(), "c", BroadcastTarget("c"), "node")
+    session = BroadcastSession(MemoryBroker(), "c", BroadcastTarget("c"), "node", Stats(), "r")
     session.conn_id = "x"
     verifyObject(ISubscriber, session)

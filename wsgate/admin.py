@@ -7,7 +7,6 @@ is set (a token is required unless the endpoint is loopback-only).
 
 import hmac
 import json
-from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.logger import Logger
@@ -102,7 +101,8 @@ class Publish(_Base):
         if request.too_large:
             return _json(request, 413, {"error": "body too large",
                                         "limit": self.admin.max_body})
-        channel = unquote("/".join(p.decode("utf-8", "replace") for p in request.postpath))
+        # postpath segments are already percent-decoded by twisted.web
+        channel = "/".join(p.decode("utf-8", "replace") for p in request.postpath)
         if not channel:
             return _json(request, 404, {"error": "no channel in the path"})
         body = request.content.read()

@@ -27,13 +27,15 @@ def _duration(text):
     return value
 
 
-def _close_code(text):
+def _kick_code(text):
+    """argparse type: a close code the admin API accepts for a kick."""
     try:
         code = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a close code, got {text!r}") from None
-    if not (code == 1000 or 3000 <= code <= 4999 or code in (1001, 1008, 1011)):
-        raise argparse.ArgumentTypeError(f"expected 1000, 1001, 1008, 1011 or 3000-4999, got {code}")
+        code = None
+    if code not in (1000, 1001, 1008) and not (code is not None and 3000 <= code <= 4999):
+        raise argparse.ArgumentTypeError(
+            f"expected 1000, 1001, 1008 or a code from 3000 to 4999, got {text!r}")
     return code
 
 
@@ -123,8 +125,9 @@ def build_parser():
                     "with --kick ID, DELETE /connections/ID. Exit 0 on a 2xx answer, 1 on "
                     "another answer (404: no such connection), 2 when unreachable.")
     connections.add_argument("--kick", metavar="ID", help="close this connection")
-    connections.add_argument("--code", type=_close_code, metavar="CODE",
-                             help="with --kick: the close code (default: the gateway's, 1008)")
+    connections.add_argument("--code", type=_kick_code, metavar="CODE",
+                             help="with --kick: the close code: 1000, 1001, 1008 or 3000-4999 "
+                                  "(default: the gateway's, 1008)")
     connections.add_argument("--reason", metavar="TEXT", help="with --kick: the close reason")
     connections.add_argument("--json", action="store_true",
                              help="print the answer as it came (JSON) instead of a table")

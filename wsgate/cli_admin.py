@@ -51,7 +51,7 @@ class AdminAnswer:
 def admin_base(url):
     """Check ``--admin`` and return it without a trailing slash."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.netloc or not url.isascii():
         raise ValueError(f"--admin expects an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
 

@@ -36,6 +36,7 @@ def render(config):
         f"{config.path}: OK ({_count(len(config.listeners), 'listener')}, "
         f"{_count(len(routes), 'route')})\n",
         _core_line(config.core),
+        _admin_line(getattr(config, "admin", None)),
         "\n",
         table(["LISTENER", "ENDPOINT", "TLS", "HANDSHAKE", "PING", "IDLE", "MAX MESSAGE",
                "COMPRESSION"], [_listener_row(listener) for listener in config.listeners]),
@@ -67,7 +68,9 @@ def _core_line(core):
         value = getattr(core, item.name)
         if isinstance(value, bool):
             pairs.append(f"{item.name}={'yes' if value else 'no'}")
-        elif isinstance(value, (str, int, float)) or value is None:
+        elif isinstance(value, float):
+            pairs.append(f"{item.name}={units.format_duration(value)}")
+        elif isinstance(value, (str, int)) or value is None:
             pairs.append(f"{item.name}={'-' if value is None else value}")
     return "[wsgate] " + ", ".join(pairs) + "\n"
 
@@ -114,8 +117,20 @@ def _route_row(route):
 
 
 def _policy_names(policies):
-    """Policies as names: a route may hold names or policy objects with a ``name``."""
+    """A route's policies (``IPolicy`` providers, or names) as ``name`` / ``name(shadow)``."""
     names = []
     for policy in policies or ():
-        names.append(policy if isinstance(policy, str) else getattr(policy, "name", str(policy)))
+        if isinstance(policy, str):
+            names.append(policy)
+            continue
+        name = getattr(policy, "name", None) or policy.__class__.__name__
+        names.append(f"{name}(shadow)" if getattr(policy, "mode", None) == "shadow" else name)
     return ",".join(names)
+
+
+def _admin_line(admin):
+    """``[admin]`` without its secret: the endpoint and whether a token is set."""
+    if admin is None:
+        return "[admin] none (no admin endpoint)\n"
+    token = "token set" if getattr(admin, "token", None) else "no token"
+    return f"[admin] {admin.endpoint} ({token})\n"

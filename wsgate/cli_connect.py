@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -270,6 +270,7 @@ class Session:
         self._close_call = None
         self._ping = None  # (payload, sent at)
         self._interrupts = 0
+        self._backpressure = False  # the connection is standard output's producer
         self._finished = False
 
     # ---------------------------------------------------------- connection events
@@ -309,6 +310,8 @@ class Session:
 
     def closed(self, protocol, was_clean, code, reason, lost_reason):
         """The connection is over: print why and pick the exit status."""
+        if self._finished:  # interrupted: already said so
+            return None
         if self._ping is not None and self.open:
             self.console.note("ping: no pong before the close")
         refusal = protocol.refusal if protocol is not None else None
@@ -347,6 +350,9 @@ class Session:
             self._close_call.cancel()
         if self.protocol is not None and self.protocol.state == self.protocol.STATE_OPEN:
             self.protocol.sendClose(1000)
+            # The server's close frame must be read even if standard output is slow.
+            self._stop_backpressure()
+            self.protocol.transport.resumeProducing()
 
     def _close_later(self):
         self._close_call = self.reactor.callLater(self.options.wait, self.close)
@@ -369,9 +375,10 @@ class Session:
         if self._interrupts == 1 and self.open:
             self.close()
         else:
+            self.console.note("wsgate: interrupted")
+            self.finish(EXIT_INTERRUPTED)
             if self.protocol is not None:
                 self.protocol.dropConnection(abort=True)
-            self.finish(EXIT_INTERRUPTED)
 
     # ---------------------------------------------------------- stdio and the end
 
@@ -384,13 +391,20 @@ class Session:
             self.stdio = StandardIO(reader, reactor=self.reactor)
         except OSError:  # no usable stdin/stdout (closed descriptors): print directly
             self.stdio, self._stdio_closed = None, None
+            self.input_ended()
             return
         self.console.transport = self.stdio
         # A slow standard output pauses reading from the server instead of
         # buffering messages without bound.
         self.stdio.registerProducer(self.protocol.transport, True)
+        self._backpressure = True
         if self.options.scripted:
             self.stdio.pauseProducing()
+
+    def _stop_backpressure(self):
+        if self._backpressure:
+            self._backpressure = False
+            self.stdio.unregisterProducer()
 
     def finish(self, code):
         if self._finished:
@@ -403,7 +417,7 @@ class Session:
             return
         # Let the reactor flush what is queued for standard output first
         # (as long as it takes: a reader that never reads blocks us, like cat).
-        self.stdio.unregisterProducer()
+        self._stop_backpressure()
         self.stdio.loseConnection()
         self._stdio_closed.addBoth(lambda _: self.done.callback(code))
 
@@ -457,18 +471,22 @@ class ClientProtocol(WebSocketClientProtocol):
 
     refusal = None
     close_frame = None  # (code, reason) of the peer's close frame
+    _accepted = (None, ())  # the 101's subprotocol and extensions
     _lost_reason = None
 
     @property
     def session(self):
         return self.factory.session
 
+    def connectionMade(self):
+        self.session.protocol = self
+        super().connectionMade()
+
     def onConnect(self, response):
         self._accepted = (response.protocol, list(response.extensions))
 
     def onOpen(self):
-        subprotocol, extensions = getattr(self, "_accepted", (None, []))
-        self.session.opened(self, subprotocol, extensions)
+        self.session.opened(self, *self._accepted)
 
     def onMessage(self, payload, isBinary):
         self.session.message(payload, isBinary)

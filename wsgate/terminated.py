@@ -57,7 +57,7 @@ def make_websocket_factory(listener, clock):
     The gateway reads the request head and enforces ``handshake_timeout``
     itself, so Autobahn's own opening-handshake timeout is off.
     """
-    factory = WebSocketServerFactory()
+    factory = WebSocketServerFactory(server=None)  # no Server header naming the library
     factory._batched_timer = _ReactorTimer(clock)
     factory.protocol = TerminatedProtocol
     factory.setProtocolOptions(
