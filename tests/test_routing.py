@@ -113,3 +113,18 @@ def test_one_placeholder_per_segment_captures_each_segment(parts):
     pattern = PathPattern.parse("/" + "/".join("{v%d}" % i for i in range(len(parts))))
     params, tail = pattern.match("/" + "/".join(parts))
     assert [params["v%d" % i] for i in range(len(parts))] == parts and tail == ""
+
+
+def test_router_is_chosen_by_name_or_import_path(tmp_path):
+    from wsgate.config import ConfigError, load
+    from wsgate.routing import build_router
+
+    base = "[listen:main]\nendpoint = tcp:0:interface=127.0.0.1\n[route:r]\npath = /r\necho = yes\n"
+    good = tmp_path / "good.ini"
+    good.write_text("[wsgate]\nrouter = wsgate.routing:DefaultRouter\n" + base)
+    assert build_router(load(str(good))).route("h", "/r", "main").route.name == "r"
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[wsgate]\nrouter = nosuch\n" + base)
+    with pytest.raises(ConfigError) as info:
+        load(str(bad))
+    assert "[wsgate] router: unknown router 'nosuch' (known: default)" in str(info.value)

@@ -86,6 +86,8 @@ class Metrics(_Base):
     isLeaf = True
 
     def render_GET(self, request):
+        if not self.admin.gateway.config.core.metrics:
+            return _json(request, 404, {"error": "metrics are off ([wsgate] metrics = no)"})
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return generate_latest(self.admin.registry)
 

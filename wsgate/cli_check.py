@@ -10,7 +10,7 @@ import dataclasses
 import sys
 
 from wsgate import units
-from wsgate.routing import DefaultRouter
+from wsgate.routing import build_router
 
 
 def run(path, out=None, err=None, quiet=False):
@@ -31,7 +31,7 @@ def run(path, out=None, err=None, quiet=False):
 
 def render(config):
     """The whole report for a valid *config*, as text."""
-    routes = DefaultRouter(config.routes).routes
+    routes = build_router(config).routes
     parts = [
         f"{config.path}: OK ({_count(len(config.listeners), 'listener')}, "
         f"{_count(len(routes), 'route')})\n",

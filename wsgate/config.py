@@ -40,6 +40,8 @@ class CoreSettings:
     broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
     drain_timeout: float = 30.0
     log_messages: bool = False
+    metrics: bool = True
+    router: str = "default"  # an IRouterFactory plugin name or package.module:factory
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def _build(path, parser):
         raise ConfigError(path, "wsgate", "broker", f"no [broker:{core.broker}] section")
     if not listeners:
         raise ConfigError(path, "listen:NAME", None, "at least one listener is required")
+    _check_router(path, core.router)
     policies = _policies(policy_sections, base, brokers, core.broker)
     listener_names = tuple(listener.name for listener in listeners)
     built_routes = []
@@ -380,6 +383,15 @@ def _is_loopback_endpoint(endpoint):
             except ValueError:
                 return part[10:] == "localhost"
     return False
+
+
+def _check_router(path, name):
+    from wsgate.routing import resolve_router_factory
+
+    try:
+        resolve_router_factory(name)
+    except ValueError as e:
+        raise ConfigError(path, "wsgate", "router", str(e)) from None
 
 
 def _broker(section, name, base):
@@ -441,6 +453,8 @@ def _core(section):
         broker=section.take("broker", _non_empty, None),
         drain_timeout=section.take("drain_timeout", _positive_duration, 30.0),
         log_messages=section.take("log_messages", units.parse_bool, False),
+        metrics=section.take("metrics", units.parse_bool, True),
+        router=section.take("router", _non_empty, "default"),
     )
 
 

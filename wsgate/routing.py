@@ -15,9 +15,10 @@ does not match ``example.com``.
 import re
 from dataclasses import dataclass, field
 
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from wsgate.interfaces import IRouter
+from wsgate.interfaces import IRouter, IRouterFactory
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
@@ -194,3 +195,38 @@ class DefaultRouter:
                 params, tail = found
                 return RouteMatch(route, params, tail)
         return None
+
+
+@implementer(IPlugin, IRouterFactory)
+class DefaultRouterFactory:
+    """``[wsgate] router = default``: :class:`DefaultRouter`."""
+
+    name = "default"
+
+    def __call__(self, routes):
+        return DefaultRouter(routes)
+
+
+def resolve_router_factory(name):
+    """The IRouterFactory for ``router = NAME`` (a plugin) or ``package.module:factory``."""
+    import importlib
+
+    from twisted.plugin import getPlugins
+
+    import wsgate.plugins
+
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {name}: {e}") from None
+    known = {factory.name: factory for factory in getPlugins(IRouterFactory, wsgate.plugins)}
+    if name not in known:
+        raise ValueError(f"unknown router {name!r} (known: {', '.join(sorted(known))})")
+    return known[name]
+
+
+def build_router(config):
+    """The router the config asks for, built over its routes."""
+    return resolve_router_factory(config.core.router)(config.routes)

@@ -22,7 +22,7 @@ from wsgate.config import ConfigError, load
 from wsgate.gateway import Gateway, GatewayFactory
 from wsgate.pubsub.memory import MemoryBroker
 from wsgate.pubsub.redis import RedisBroker
-from wsgate.routing import DefaultRouter
+from wsgate.routing import build_router
 from wsgate.tap import fail
 
 _log = Logger()
@@ -148,7 +148,7 @@ class GatewayService(service.MultiService):
         self.brokers = {}
         self.broker = self._broker(config.core.broker)
         self._attach_shared_limiters(config)
-        self.gateway = Gateway(config, DefaultRouter(config.routes), self.broker, reactor)
+        self.gateway = Gateway(config, build_router(config), self.broker, reactor)
         self.listeners = {}
         for listener in config.listeners:
             self._add_listener(listener)
@@ -276,7 +276,7 @@ class GatewayService(service.MultiService):
             return
         self._attach_shared_limiters(config)
         self.config = config
-        self.gateway.apply(config, DefaultRouter(config.routes))
+        self.gateway.apply(config, build_router(config))
         stats.reloads["ok"] += 1
         stats.config_generation += 1
         self._warn_unverified(config)
