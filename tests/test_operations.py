@@ -325,3 +325,34 @@ def test_second_sigterm_ends_at_once(tmp_path):
     assert gw.proc.wait(10) == 0
     assert time.monotonic() - started < 5
     stubborn.close()
+
+
+def test_sighup_adds_and_removes_listeners(tmp_path):
+    one = """
+[wsgate]
+log_format = json
+
+[listen:main]
+endpoint = tcp:0:interface=127.0.0.1
+
+[listen:old]
+endpoint = tcp:0:interface=127.0.0.1
+
+[route:echo]
+path = /echo
+echo = yes
+"""
+    path = write_config(tmp_path, one)
+    gw = GatewayProcess(path).wait_listening(("main", "old"))
+    try:
+        old_port = gw.port("old")
+        path.write_text(one.replace("[listen:old]", "[listen:extra]"))
+        gw.signal(signal.SIGHUP)
+        gw.wait_event(lambda e: e.get("event") == "wsgate.config.reloaded")
+        extra = gw.wait_event(lambda e: e.get("event") == "wsgate.listening"
+                              and e.get("listener") == "extra")
+        assert parse_response(raw_request(extra["port"], upgrade_request("/echo")))[0] == 101
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", old_port), timeout=2)
+    finally:
+        assert gw.stop() == 0

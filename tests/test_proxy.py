@@ -279,3 +279,39 @@ def test_slow_reader_keeps_gateway_memory_bounded(gateway, upstream, capsys):
         print(f"\nslow reader: 200 MiB in {elapsed:.1f}s, gateway RSS {baseline / 1024:.1f} MiB"
               f" -> peak {peak / 1024:.1f} MiB (growth {growth_mib:.1f} MiB)")
     assert growth_mib < 64
+
+
+def test_each_leg_keeps_its_own_keepalive(tmp_path, upstream):
+    """A proxied client that never answers pings is dropped; the upstream gets 1001."""
+    gw = start_gateway(tmp_path, f"""
+[route:app]
+path = /app/*
+upstream = ws://127.0.0.1:{upstream.port}{{path}}
+""", base="""
+[wsgate]
+log_format = json
+
+[listen:main]
+endpoint = tcp:0:interface=127.0.0.1
+ping_interval = 300ms
+ping_timeout = 300ms
+""")
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port()), timeout=10) as sock:
+            sock.sendall(upgrade_request("/app/echo-silent"))
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            from harness import read_until_closed
+            data = read_until_closed(sock)  # never answering: pinged, then dropped
+            assert data[:1] == b"\x89"
+        event = upstream.wait_event(lambda e: e.get("event") == "close"
+                                    and e.get("path") == "/echo-silent")
+        assert event["code"] == 1001
+
+        async def answering_client_stays():  # websockets answers pings; so does Node ws
+            async with connect(gw.url("/app/echo")) as ws:
+                await asyncio.sleep(1.5)
+                await ws.send("alive")
+                assert await ws.recv() == "echo: alive"
+        run(answering_client_stays())
+    finally:
+        assert gw.stop() == 0

@@ -337,3 +337,24 @@ def _base(endpoint="tcp:0:interface=127.0.0.1", tls="", core="", **limits):
     lines = "".join(f"{key} = {value}\n" for key, value in limits.items())
     return (f"[wsgate]\nnode_id = test-node\nlog_format = json\n{core}\n"
             f"[listen:main]\nendpoint = {endpoint}\n{tls}{lines}\n")
+
+
+def test_haproxy_header_comes_before_tls(tmp_path):
+    from certs import TestCA
+
+    ca = TestCA()
+    cert, key = ca.write_leaf(tmp_path, "default", "localhost")
+    gw = start_gateway(tmp_path, "[route:echo]\npath = /echo\necho = yes\n",
+                       base=_base(endpoint="haproxy:tcp:0:interface=127.0.0.1",
+                                  tls=f"tls_cert = {cert}\ntls_key = {key}\n"))
+    try:
+        ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+        raw = socket.create_connection(("127.0.0.1", gw.port()), timeout=5)
+        raw.sendall(b"PROXY TCP6 2001:db8::5 ::1 40001 443\r\n")
+        with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(upgrade_request("/echo", host="localhost"))
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        event = gw.wait_event(lambda e: e.get("event") == "websocket.connection.accepted")
+        assert event["client"] == "[2001:db8::5]:40001"
+    finally:
+        assert gw.stop() == 0
