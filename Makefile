@@ -27,8 +27,12 @@ run: $(STAMP)
 peers:
 	bash scripts/install-peers.sh
 
+# The whole suite, then the wire-level tests and conformance again with the
+# Twisted-level fast paths off ([wsgate] fast_paths = no).
 test: $(STAMP) peers
 	$(BIN)/pytest -q -p no:cacheprovider tests
+	WSGATE_TEST_FAST_PATHS=no $(BIN)/pytest -q -p no:cacheprovider \
+	    tests/test_wire.py tests/test_proxy.py tests/test_conformance.py
 
 conformance: $(STAMP) peers
 	$(BIN)/python scripts/conformance.py --cases all --update-readme

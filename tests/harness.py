@@ -119,9 +119,19 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def with_test_settings(text):
+    """Apply WSGATE_TEST_FAST_PATHS=yes|no (the suite runs wire tests with both)."""
+    fast = os.environ.get("WSGATE_TEST_FAST_PATHS")
+    if not fast:
+        return text
+    if "[wsgate]" in text:
+        return text.replace("[wsgate]", f"[wsgate]\nfast_paths = {fast}", 1)
+    return f"[wsgate]\nfast_paths = {fast}\n" + text
+
+
 def write_config(directory, text, name="wsgate.ini"):
     path = directory / name
-    path.write_text(textwrap.dedent(text))
+    path.write_text(with_test_settings(textwrap.dedent(text)))
     return path
 
 

@@ -209,3 +209,10 @@ def test_sessions_subscribers_and_brokers_provide_their_interfaces():
     session = BroadcastSession(MemoryBroker(), "c", BroadcastTarget("c"), "node", Stats(), "r")
     session.conn_id = "x"
     verifyObject(ISubscriber, session)
+
+
+def test_fast_paths_apply_to_the_installed_twisted():
+    """If a Twisted upgrade silently disabled them, this says so."""
+    from wsgate import fastpath
+
+    assert fastpath.twisted_supported()

@@ -41,6 +41,7 @@ class CoreSettings:
     drain_timeout: float = 30.0
     log_messages: bool = False
     metrics: bool = True
+    fast_paths: bool = True
     router: str = "default"  # an IRouterFactory plugin name or package.module:factory
 
 
@@ -454,6 +455,7 @@ def _core(section):
         drain_timeout=section.take("drain_timeout", _positive_duration, 30.0),
         log_messages=section.take("log_messages", units.parse_bool, False),
         metrics=section.take("metrics", units.parse_bool, True),
+        fast_paths=section.take("fast_paths", units.parse_bool, True),
         router=section.take("router", _non_empty, "default"),
     )
 

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
-from wsgate import forwarding, http, observe, proxy
+from wsgate import fastpath, forwarding, http, observe, proxy
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
@@ -172,6 +172,9 @@ class HandshakeProtocol(Protocol):
 
     def connectionMade(self):
         self._started = self.gateway.clock.seconds()
+        self.fast = self.gateway.config.core.fast_paths
+        if self.fast:
+            fastpath.mark(self.transport)
         self._timer = self.gateway.clock.callLater(
             self.listener.handshake_timeout, self._timed_out)
 
@@ -299,7 +302,10 @@ class HandshakeProtocol(Protocol):
         self._done = True
         self._cancel_timer()
         self._outcome = None  # the protocol owns it from here
-        protocol = build_terminated_protocol(self.gateway, self.listener, match, connection)
+        protocol = build_terminated_protocol(self.gateway, self.listener, match, connection,
+                                             self.fast)
+        if self.fast and match.route.target.kind == "echo":
+            fastpath.immediate_write(self.transport)  # request/response: send at once
         self._hand_over(protocol)
 
     def _serve_static(self, match, head):
@@ -343,6 +349,10 @@ class HandshakeProtocol(Protocol):
         head_end = http.find_head_end(buffered)
         client_extra = buffered[head_end:]
         self._buffer = b""
+        if self.fast:
+            fastpath.immediate_write(transport)
+            fastpath.mark(upstream_leg.transport)
+            fastpath.immediate_write(upstream_leg.transport)
         transport.write(proxy.client_response(headers))
         relay = proxy.Relay(self.gateway, self.listener, match.route, connection,
                             transport, upstream_leg)

@@ -17,7 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from wsgate import observe
+from wsgate import fastpath, observe
 from wsgate.config import ConfigError, load
 from wsgate.gateway import Gateway, GatewayFactory
 from wsgate.pubsub.memory import MemoryBroker
@@ -149,6 +149,10 @@ class GatewayService(service.MultiService):
         self.broker = self._broker(config.core.broker)
         self._attach_shared_limiters(config)
         self.gateway = Gateway(config, build_router(config), self.broker, reactor)
+        if config.core.fast_paths:
+            if not fastpath.install_reactor_shortcut(reactor):
+                _log.info("wsgate: fast_paths: this Twisted or reactor is not the one they "
+                          "were written for; running without the reactor shortcut")
         self.listeners = {}
         for listener in config.listeners:
             self._add_listener(listener)
