@@ -3,6 +3,8 @@
 #   make run          create .venv, install wsgate into it, run etc/wsgate.ini
 #   make test         the whole test suite (installs the test peers first)
 #   make conformance  the full Autobahn testsuite (all cases, ~35 min) + README summary
+#   make deb          build dist/deb/wsgate_VERSION_amd64.deb and lintian it (root)
+#   make deb-test     .deb build, lintian, install, run as the unit would, reload, stop, purge (root)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SOURCES := setup.cfg pyproject.toml $(shell find wsgate twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test conformance peers clean
+.PHONY: run test conformance peers clean deb deb-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +39,14 @@ test: $(STAMP) peers
 conformance: $(STAMP) peers
 	$(BIN)/python scripts/conformance.py --cases all --update-readme
 
+# Root; installs the build dependencies where missing. Artifacts in dist/deb/.
+deb:
+	bash scripts/deb-cycle.sh --build-only
+
+# The whole cycle; needs ports 8080 and 8081 free (the default config's).
+# Under CI=true the test suite runs it too (tests/test_debian.py).
+deb-test:
+	bash scripts/deb-cycle.sh
+
 clean:
-	rm -rf $(VENV) .venv-wstest build *.egg-info reports
+	rm -rf $(VENV) .venv-wstest build dist *.egg-info reports
