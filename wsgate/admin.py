@@ -166,9 +166,10 @@ class AdminSite(server.Site):
     requestFactory = _LimitedRequest
     noisy = False
 
-    def __init__(self, gateway, settings):
+    def __init__(self, gateway, settings, internal=False):
         self.gateway = gateway
         self.settings = settings
+        self.internal = internal  # a worker's control socket: the parent checked the token
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gateway))
         root = resource.Resource()
@@ -184,9 +185,12 @@ class AdminSite(server.Site):
 
     @property
     def max_body(self):
-        return self.gateway.config.admin.max_publish_size
+        admin = self.gateway.config.admin
+        return admin.max_publish_size if admin is not None else self.settings.max_publish_size
 
     def token(self):
+        if self.internal or self.gateway.config.admin is None:
+            return None
         return self.gateway.config.admin.token  # follows reloads
 
     @property

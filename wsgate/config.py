@@ -42,6 +42,7 @@ class CoreSettings:
     log_messages: bool = False
     metrics: bool = True
     fast_paths: bool = True
+    workers: int = 1
     router: str = "default"  # an IRouterFactory plugin name or package.module:factory
 
 
@@ -353,6 +354,7 @@ def _build(path, parser):
         built_routes.append(
             _route(section, section.name.partition(":")[2], listener_names, policies, base))
         section.finish()
+    _check_workers(path, core, listeners, built_routes, brokers)
     return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers, admin)
 
 
@@ -384,6 +386,29 @@ def _is_loopback_endpoint(endpoint):
             except ValueError:
                 return part[10:] == "localhost"
     return False
+
+
+def _workers(text):
+    if text.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    return units.parse_positive_int(text)
+
+
+def _check_workers(path, core, listeners, routes, brokers):
+    """With several worker processes, channels and sockets must be shareable."""
+    if core.workers == 1:
+        return
+    broker = brokers.get(core.broker) if core.broker else None
+    if any(route.target.kind == "broadcast" for route in routes) and \
+            (broker is None or broker.type != "redis"):
+        raise ConfigError(path, "wsgate", "workers", "workers > 1 with broadcast routes needs "
+                          "a Redis broker ([wsgate] broker naming a [broker:NAME] type = redis)")
+    for listener in listeners:
+        scheme = listener.endpoint.split(":", 1)[0]
+        if scheme not in ("tcp", "tcp6", "unix", "haproxy"):
+            raise ConfigError(path, f"listen:{listener.name}", "endpoint",
+                              f"workers > 1 supports tcp:, tcp6:, unix: and haproxy:tcp: "
+                              f"endpoints (use tls_cert for TLS), not {scheme}:")
 
 
 def _check_router(path, name):
@@ -456,6 +481,7 @@ def _core(section):
         log_messages=section.take("log_messages", units.parse_bool, False),
         metrics=section.take("metrics", units.parse_bool, True),
         fast_paths=section.take("fast_paths", units.parse_bool, True),
+        workers=section.take("workers", _workers, 1),
         router=section.take("router", _non_empty, "default"),
     )
 

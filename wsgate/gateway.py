@@ -72,9 +72,11 @@ class Gateway:
                                                            self.stats)
         return chain
 
+    node_suffix = ""  # "-wN" in worker N
+
     @property
     def node_id(self):
-        return self.config.core.node_id
+        return self.config.core.node_id + self.node_suffix
 
     def listener(self, name):
         """The current settings of ``[listen:name]`` (they change on reload)."""

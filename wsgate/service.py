@@ -70,9 +70,10 @@ class ListenerService(service.Service):
     one clear line instead of being only logged.
     """
 
-    def __init__(self, gateway, listener):
+    def __init__(self, gateway, listener, adopt=None):
         self.gateway = gateway
         self.listener = listener
+        self.adopt = adopt  # (fd, address family) of a socket the parent bound (workers)
         self.port = None
 
     def factory(self):
@@ -83,7 +84,17 @@ class ListenerService(service.Service):
         return factory
 
     def bind(self):
-        self.port = bind(self.listener.endpoint, self.factory(), f"[listen:{self.listener.name}]")
+        if self.adopt is not None:
+            factory = self.factory()
+            if self.listener.endpoint.startswith("haproxy:"):
+                from twisted.protocols.haproxy import HAProxyWrappingFactory
+
+                factory = HAProxyWrappingFactory(factory)
+            fd, family = self.adopt
+            self.port = reactor.adoptStreamPort(fd, family, factory)
+        else:
+            self.port = bind(self.listener.endpoint, self.factory(),
+                             f"[listen:{self.listener.name}]")
         address = self.port.getHost()
         observe.emit(
             "wsgate.listening", "listening on {address} ([listen:{listener}], tls={tls})",
@@ -112,8 +123,8 @@ class ListenerService(service.Service):
 class AdminService(service.Service):
     """Binds the ``[admin]`` endpoint."""
 
-    def __init__(self, gateway, settings):
-        self.gateway, self.settings = gateway, settings
+    def __init__(self, gateway, settings, internal=False):
+        self.gateway, self.settings, self.internal = gateway, settings, internal
         self.port = None
 
     def privilegedStartService(self):
@@ -121,12 +132,13 @@ class AdminService(service.Service):
 
         service.Service.privilegedStartService(self)
         try:
-            self.port = bind(self.settings.endpoint, AdminSite(self.gateway, self.settings),
-                             "[admin]")
+            self.port = bind(self.settings.endpoint,
+                             AdminSite(self.gateway, self.settings, self.internal), "[admin]")
         except BindError as e:
             fail(str(e))
         address = self.port.getHost()
-        observe.emit("wsgate.listening", "admin listening on {address}", listener="admin",
+        observe.emit("wsgate.listening", "admin listening on {address}",
+                     listener="control" if self.internal else "admin",
                      address=observe.format_address(address),
                      host=getattr(address, "host", None), port=getattr(address, "port", None),
                      tls=False)
@@ -141,14 +153,18 @@ class AdminService(service.Service):
 class GatewayService(service.MultiService):
     """The root of a gateway process; see the module docstring."""
 
-    def __init__(self, config):
+    def __init__(self, config, adopted=None, worker_index=None, control=None):
         super().__init__()
         _raise_open_file_limit()
         self.config = config
+        self.adopted = adopted or {}
+        self.worker_index = worker_index
         self.brokers = {}
         self.broker = self._broker(config.core.broker)
         self._attach_shared_limiters(config)
         self.gateway = Gateway(config, build_router(config), self.broker, reactor)
+        if worker_index is not None:
+            self.gateway.node_suffix = f"-w{worker_index}"
         if config.core.fast_paths:
             if not fastpath.install_reactor_shortcut(reactor):
                 _log.info("wsgate: fast_paths: this Twisted or reactor is not the one they "
@@ -156,14 +172,19 @@ class GatewayService(service.MultiService):
         self.listeners = {}
         for listener in config.listeners:
             self._add_listener(listener)
-        if config.admin is not None:
+        if control is not None:  # a worker: the parent's admin endpoint asks us here
+            from wsgate.config import AdminSettings
+
+            AdminService(self.gateway, AdminSettings(endpoint=f"unix:{control}"),
+                         internal=True).setServiceParent(self)
+        elif config.admin is not None:
             AdminService(self.gateway, config.admin).setServiceParent(self)
         self._warn_unverified(config)
         self._drain_call = None
         self._sigterms = 0
 
     def _add_listener(self, listener):
-        child = ListenerService(self.gateway, listener)
+        child = ListenerService(self.gateway, listener, self.adopted.get(listener.name))
         child.setServiceParent(self)
         self.listeners[listener.name] = child
         return child
@@ -216,11 +237,7 @@ class GatewayService(service.MultiService):
         reactor.callFromThread(action)
 
     def setServiceParent(self, parent):
-        """twistd starts its log observer after ``makeService``, from a component
-        of the application: set it here so ``log_format`` takes effect."""
-        if hasattr(parent, "setComponent"):
-            if self.config.core.log_format == "json":
-                parent.setComponent(ILogObserver, observe.json_observer(self.config.core.node_id))
+        install_log_format(parent, self.config)
         return super().setServiceParent(parent)
 
     # -- SIGTERM: drain
@@ -302,6 +319,10 @@ class GatewayService(service.MultiService):
     def _apply_listeners(self, config):
         """Bind added or moved endpoints first (all or nothing), then close the old ones."""
         new = {listener.name: listener for listener in config.listeners}
+        if self.adopted and [(l.name, l.endpoint) for l in config.listeners] != [
+                (l.name, l.endpoint) for l in self.config.listeners]:
+            raise ConfigError(config.path, "listen", None,
+                              "with workers, listener changes need a restart")
         bound = []
         try:
             for name, listener in new.items():
@@ -324,6 +345,13 @@ class GatewayService(service.MultiService):
             self.listeners[name] = child
         for name, child in self.listeners.items():
             child.listener = new[name]
+
+
+def install_log_format(parent, config):
+    """twistd starts its log observer after ``makeService``, from a component of the
+    application: a root service sets it when attached, so ``log_format`` takes effect."""
+    if hasattr(parent, "setComponent") and config.core.log_format == "json":
+        parent.setComponent(ILogObserver, observe.json_observer(config.core.node_id))
 
 
 def _raise_open_file_limit():

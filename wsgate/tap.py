@@ -41,4 +41,8 @@ def makeService(options):
         config = load(options["config"])
     except ConfigError as e:
         fail(str(e))
+    if config.core.workers > 1:
+        from wsgate.workers import WorkerPool
+
+        return WorkerPool(config)
     return GatewayService(config)

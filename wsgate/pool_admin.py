@@ -1,0 +1,217 @@
+"""The admin endpoint of a worker pool: one answer for all workers.
+
+The parent checks the token, then asks each worker's own admin API on its
+control socket (a UNIX socket only the process owner can reach) and combines:
+``/healthz`` sums connections and is ``ok`` only when every worker is;
+``/metrics`` labels every sample with ``worker``; ``/connections`` lists all
+workers' connections (with their ``worker``) and a kick goes to the worker
+that has the connection; ``/publish`` is done by one worker (the broker takes
+the message to every process).
+"""
+
+import json
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.web import server
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from wsgate.admin import _Base, _json, _LimitedRequest
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, path):
+        self.path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(reactor, self.path, timeout=5)
+
+
+class _Pool:
+    """What the resources need from the pool: token, limits, and calls to workers."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def token(self):
+        return self.pool.config.admin.token
+
+    @property
+    def max_body(self):
+        return self.pool.config.admin.max_publish_size
+
+    def indexes(self):
+        return sorted(index for index, worker in self.pool.workers.items() if not worker.ended)
+
+    def call(self, index, method, path, body=None, headers=None):
+        """``(status, body bytes)`` from worker *index*; fails when it does not answer."""
+        agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(self.pool.control_path(index)))
+        producer = None
+        if body is not None:
+            from twisted.web.client import FileBodyProducer
+            from io import BytesIO
+
+            producer = FileBodyProducer(BytesIO(body))
+        d = agent.request(method, b"http://worker" + path, Headers(headers or {}), producer)
+        return d.addCallback(lambda response: readBody(response).addCallback(
+            lambda data: (response.code, data)))
+
+    def call_all(self, method, path):
+        indexes = self.indexes()
+        calls = [self.call(i, method, path) for i in indexes]
+        d = defer.DeferredList(calls, consumeErrors=True)
+        return d.addCallback(lambda results: list(zip(indexes, results)))
+
+
+def _finish(request, status, body):
+    request.write(_json(request, status, body))
+    request.finish()
+
+
+class _Health(_Base):
+    isLeaf = True
+
+    def render_GET(self, request):
+        def combine(results):
+            workers, connections, broker, generations, ok = [], 0, "none", [], bool(results)
+            for index, (success, value) in results:
+                if not success:
+                    ok = False
+                    workers.append({"worker": index, "status": "unreachable"})
+                    continue
+                body = json.loads(value[1])
+                workers.append({"worker": index, **body})
+                connections += body["connections"]
+                generations.append(body["config_generation"])
+                broker = "down" if body["broker"] == "down" else body["broker"]
+                ok = ok and body["status"] == "ok"
+            statuses = [w["status"] for w in workers if w["status"] != "ok"]
+            status = "ok" if ok else (statuses[0] if statuses else "starting")
+            if self.admin.pool.stopping:
+                status = "draining"
+            _finish(request, 200 if status == "ok" else 503, {
+                "status": status, "connections": connections, "broker": broker,
+                "config_generation": min(generations) if generations else 0,
+                "workers": workers})
+        self.admin.call_all(b"GET", b"/healthz").addCallback(combine)
+        return server.NOT_DONE_YET
+
+
+class _Metrics(_Base):
+    isLeaf = True
+
+    def render_GET(self, request):
+        def combine(results):
+            families = {}
+            for index, (success, value) in results:
+                if not success or value[0] != 200:
+                    continue
+                for family in text_string_to_metric_families(value[1].decode()):
+                    labelled = [Sample(s.name, {**s.labels, "worker": str(index)}, s.value,
+                                       s.timestamp, s.exemplar) for s in family.samples]
+                    if family.name in families:
+                        families[family.name].samples.extend(labelled)
+                    else:
+                        family.samples = labelled
+                        families[family.name] = family
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Fixed(list(families.values())))
+            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+            request.write(generate_latest(registry))
+            request.finish()
+        self.admin.call_all(b"GET", b"/metrics").addCallback(combine)
+        return server.NOT_DONE_YET
+
+
+class _Fixed:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+class _Connections(_Base):
+    isLeaf = True
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+
+        def combine(results):
+            connections = []
+            for index, (success, value) in results:
+                if success and value[0] == 200:
+                    for entry in json.loads(value[1])["connections"]:
+                        connections.append({**entry, "worker": index})
+            _finish(request, 200, {"connections": connections})
+        self.admin.call_all(b"GET", b"/connections").addCallback(combine)
+        return server.NOT_DONE_YET
+
+    def render_DELETE(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        path = request.uri  # /connections/ID?code=...
+        conn_id = request.postpath[0].decode() if request.postpath else ""
+
+        @defer.inlineCallbacks
+        def kick():
+            for index in self.admin.indexes():
+                try:
+                    status, body = yield self.admin.call(index, b"DELETE", path)
+                except Exception:
+                    continue
+                if status != 404:
+                    _finish(request, status, {**json.loads(body), "worker": index})
+                    return
+            _finish(request, 404, {"error": "no such connection", "id": conn_id})
+        kick()
+        return server.NOT_DONE_YET
+
+
+class _Publish(_Base):
+    isLeaf = True
+
+    def render_POST(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        if request.too_large:
+            return _json(request, 413, {"error": "body too large", "limit": self.admin.max_body})
+        indexes = self.admin.indexes()
+        if not indexes:
+            return _json(request, 503, {"error": "no worker is running"})
+        headers = {b"Content-Type": [request.getHeader(b"content-type") or b"application/octet-stream"]}
+        d = self.admin.call(indexes[0], b"POST", request.uri, request.content.read(), headers)
+        d.addCallbacks(lambda result: _finish(request, result[0], json.loads(result[1])),
+                       lambda failure: _finish(request, 503, {"error": "worker unreachable"}))
+        return server.NOT_DONE_YET
+
+
+class PoolAdminSite(server.Site):
+    requestFactory = _LimitedRequest
+    noisy = False
+
+    def __init__(self, pool):
+        self.pool_view = _Pool(pool)
+        root = Resource()
+        root.putChild(b"healthz", _Health(self.pool_view))
+        root.putChild(b"metrics", _Metrics(self.pool_view))
+        root.putChild(b"connections", _Connections(self.pool_view))
+        root.putChild(b"publish", _Publish(self.pool_view))
+        super().__init__(root)
+        self.displayTracebacks = False
+
+    @property
+    def max_body(self):
+        return self.pool_view.max_body
+
+    def log(self, request):
+        pass
