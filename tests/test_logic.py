@@ -216,3 +216,24 @@ def test_fast_paths_apply_to_the_installed_twisted():
     from wsgate import fastpath
 
     assert fastpath.twisted_supported()
+
+
+def test_idle_timer_fires_only_after_a_quiet_period():
+    from wsgate.idle import IdleTimer
+
+    clock, fired = Clock(), []
+    timer = IdleTimer(clock, 10, lambda: fired.append(clock.seconds()))
+    timer.touch()
+    clock.advance(9)
+    timer.touch()  # activity resets it
+    clock.advance(9)
+    assert fired == []
+    clock.advance(1)
+    assert fired == [19]
+    timer.touch()
+    timer.cancel()
+    clock.advance(100)
+    assert fired == [19] and not clock.getDelayedCalls()
+    off = IdleTimer(clock, 0, lambda: fired.append("never"))
+    off.touch()
+    assert not clock.getDelayedCalls()

@@ -273,15 +273,6 @@ class _Section:
             raise self.error(unknown[0], f"unknown key (this section takes: {known})")
 
 
-def _choice(*options):
-    def parse(text):
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
-        return value
-    return parse
-
-
 def _non_empty(text):
     text = text.strip()
     if not text:
@@ -421,7 +412,7 @@ def _check_router(path, name):
 
 
 def _broker(section, name, base):
-    kind = section.take("type", _choice("memory", "redis"))
+    kind = section.take("type", units.choice("memory", "redis"))
     if kind == "memory":
         return BrokerSettings(name, kind)
     url = section.take("url", _non_empty)
@@ -453,7 +444,7 @@ def _policies(sections, base, brokers, default_broker):
             factory = policy_api.resolve_factory(section.take("type", _non_empty), known)
         except policy_api.PolicyConfigError as e:
             raise section.error(e.key, e.message) from None
-        mode = section.take("mode", _choice(*policy_api.MODES), "enforce")
+        mode = section.take("mode", units.choice(*policy_api.MODES), "enforce")
         keys = tuple(getattr(factory, "keys", ()))
         settings = {key: section.items[key] for key in keys if key in section.items}
         section.used.update(keys)
@@ -474,7 +465,7 @@ def _policies(sections, base, brokers, default_broker):
 def _core(section):
     return CoreSettings(
         node_id=section.take("node_id", _non_empty, socket.gethostname()),
-        log_format=section.take("log_format", _choice("text", "json"), "text"),
+        log_format=section.take("log_format", units.choice("text", "json"), "text"),
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
         broker=section.take("broker", _non_empty, None),
         drain_timeout=section.take("drain_timeout", _positive_duration, 30.0),
@@ -494,7 +485,7 @@ def _listener(section, name, base):
     cert = section.take("tls_cert", _non_empty, None)
     key = section.take("tls_key", _non_empty, None)
     sni_dir = section.take("tls_sni_dir", _non_empty, None)
-    min_version = section.take("tls_min_version", _choice("1.2", "1.3"), "1.2")
+    min_version = section.take("tls_min_version", units.choice("1.2", "1.3"), "1.2")
     scheme = endpoint.split(":", 1)[0]
     server_tls = None
     if cert or key or sni_dir:
@@ -524,7 +515,7 @@ def _listener(section, name, base):
         max_message_size=max_message,
         max_frame_size=section.take("max_frame_size", units.parse_size, max_message),
         compression=section.take(
-            "compression", _choice("off", "permessage-deflate"), "off") != "off",
+            "compression", units.choice("off", "permessage-deflate"), "off") != "off",
         trusted_proxies=section.take(
             "trusted_proxies", lambda text: parse_networks(units.parse_list(text)), ()),
     )
@@ -645,7 +636,7 @@ def _route(section, name, listener_names, policies, base):
             client_publish=section.take("client_publish", units.parse_bool, True),
             include_sender=section.take("include_sender", units.parse_bool, False),
             max_send_buffer=section.take("max_send_buffer", units.parse_size, 1024 * 1024),
-            slow_consumer=section.take("slow_consumer", _choice("drop", "close"), "drop"),
+            slow_consumer=section.take("slow_consumer", units.choice("drop", "close"), "drop"),
         )
     elif kind == "static":
         if not path.prefix:

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from wsgate import frames, http, observe
 from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
+from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.policies import DROP, apply_sessions
 from wsgate.terminated import log_message
 
@@ -324,9 +325,7 @@ class Relay:
             1 << 62, _message_hook(connection, sessions, "out", log_messages)), True)
         self.ping_interval = listener.ping_interval
         self.ping_timeout = listener.ping_timeout
-        idle = route.idle_timeout if route.idle_timeout is not None else listener.idle_timeout
-        self.idle_timeout = idle
-        self._idle_timer = None
+        self.idle = IdleTimer(self.clock, idle_timeout(route, listener), self._idle)
         self._upstream_close_timer = None
         self._finished = False
         self._closed_by = None
@@ -340,7 +339,7 @@ class Relay:
         self.gateway.register(self.connection)
         for leg in (self.client, self.upstream):
             self._schedule_ping(leg)
-        self._touch()
+        self.idle.touch()
         if upstream_bytes:
             self.from_upstream(upstream_bytes)
         if client_bytes:
@@ -369,7 +368,7 @@ class Relay:
         if scanner.messages != before_messages:
             self._count(source, scanner.messages - before_messages,
                         scanner.payload_bytes - before_bytes)
-            self._touch()
+            self.idle.touch()
         if scanner.at_boundary and sink.pending:
             self._flush(sink)
 
@@ -471,16 +470,7 @@ class Relay:
 
     # -- idle timeout
 
-    def _touch(self):
-        if not self.idle_timeout:
-            return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.idle_timeout)
-        else:
-            self._idle_timer = self.clock.callLater(self.idle_timeout, self._idle)
-
     def _idle(self):
-        self._idle_timer = None
         self.close_with(1001, "idle timeout")
 
     # -- ending
@@ -557,8 +547,7 @@ class Relay:
         if self._finished or not (self.client.lost and self.upstream.lost):
             return
         self._finished = True
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        self.idle.cancel()
         code, reason = self._reported_close()
         self.gateway.unregister(self.connection, code, reason, self._closed_by or "gateway")
 

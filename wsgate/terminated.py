@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from wsgate import http, observe
+from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.interfaces import ISubscriber
 from wsgate.policies import DROP, apply_sessions
 from wsgate.pubsub import Message
@@ -94,7 +95,7 @@ def build_terminated_protocol(gateway, listener, match, connection, fast=False):
     if route.max_message_size is not None:
         protocol.maxMessagePayloadSize = route.max_message_size
         protocol.maxFramePayloadSize = min(listener.max_frame_size, route.max_message_size)
-    idle = route.idle_timeout if route.idle_timeout is not None else listener.idle_timeout
+    idle = idle_timeout(route, listener)
     if route.target.kind == "echo":
         session = EchoSession()
     else:
@@ -108,12 +109,11 @@ def build_terminated_protocol(gateway, listener, match, connection, fast=False):
 class TerminatedProtocol(WebSocketServerProtocol):
     """An Autobahn server protocol that delegates to a session object."""
 
-    def bind(self, gateway, connection, session, idle_timeout):
+    def bind(self, gateway, connection, session, idle_seconds):
         self.gateway = gateway
         self.connection = connection
         self.session = session
-        self.idle_timeout = idle_timeout
-        self._idle_timer = None
+        self.idle = IdleTimer(gateway.clock, idle_seconds, self._idle)
         self._opened = False
         outcome = connection.outcome
         self.sessions = outcome.sessions if outcome is not None else ()
@@ -142,13 +142,13 @@ class TerminatedProtocol(WebSocketServerProtocol):
         self._opened = True
         self.gateway.register(self.connection)
         self.session.opened(self)
-        self._touch()
+        self.idle.touch()
 
     def onMessage(self, payload, isBinary):
         connection = self.connection
         connection.messages_in += 1
         connection.bytes_in += len(payload)
-        self._touch()
+        self.idle.touch()
         if self.sessions and self._refused_by_policy("in", isBinary, len(payload)):
             return
         if self.log_messages:
@@ -181,7 +181,7 @@ class TerminatedProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.connection.messages_out += 1
             self.connection.bytes_out += size
-            self._touch()
+            self.idle.touch()
             if self.log_messages:
                 log_message(self.connection, "sent", size, is_binary)
             self.sendPreparedMessage(prepared)
@@ -192,7 +192,7 @@ class TerminatedProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     def onClose(self, wasClean, code, reason):
-        self._cancel_idle()
+        self.idle.cancel()
         if self.connection.outcome is not None:
             self.connection.outcome.release()  # idempotent
         if not self._opened:
@@ -205,22 +205,8 @@ class TerminatedProtocol(WebSocketServerProtocol):
 
     # -- idle timeout: no message in either direction for idle_timeout seconds
 
-    def _touch(self):
-        if not self.idle_timeout:
-            return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.idle_timeout)
-        else:
-            self._idle_timer = self.gateway.clock.callLater(self.idle_timeout, self._idle)
-
     def _idle(self):
-        self._idle_timer = None
         self.close_with(CLOSE_GOING_AWAY, "idle timeout")
-
-    def _cancel_idle(self):
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
 
 
 class FastTerminatedProtocol(TerminatedProtocol):

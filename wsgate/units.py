@@ -52,6 +52,16 @@ def parse_list(text):
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def choice(*options):
+    """A parser accepting one of *options* (any case) → the lower-case option."""
+    def parse(text):
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+    return parse
+
+
 def parse_positive_int(text):
     """A whole number ≥ 1."""
     try:

@@ -43,13 +43,7 @@ def parse_rate(text):
     return number, number / seconds
 
 
-def choice(*options):
-    def parse(text):
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
-        return value
-    return parse
+choice = units.choice
 
 
 def status_code(*allowed):
