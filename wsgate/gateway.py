@@ -3,9 +3,10 @@
 Every accepted TCP (or TLS, or PROXY-protocol) connection starts with a
 :class:`HandshakeProtocol`. It reads the HTTP request head under a size limit
 and the listener's ``handshake_timeout``, asks the :class:`Gateway` for a
-decision (route, limits; policies in a later step) and then either writes an
-HTTP refusal or hands the transport to the route's WebSocket protocol, which
-replays the buffered bytes. A request that fails any step never becomes a
+decision (route, limits, then the route's policies and, for proxy routes, the
+upstream's own handshake) and then either writes an HTTP refusal or hands the
+transport to the route's protocol (Autobahn replays the buffered bytes; the
+proxy relay starts splicing). A request that fails any step never becomes a
 WebSocket.
 """
 
@@ -96,34 +97,40 @@ class Gateway:
     def decide(self, head, listener):
         """Route and validate an upgrade request; return the ``RouteMatch``.
 
-        Raises :class:`wsgate.http.HttpRefusal` with the contract's answer.
-        May later return a Deferred (policies); callers use ``maybeDeferred``.
+        Synchronous and cheap (the policies run after it). Raises
+        :class:`wsgate.http.HttpRefusal` with the contract's answer; anything
+        else a custom router raises becomes a generic 500.
         """
         match = self.router.route(head.host, head.path, listener.name)
         if match is None:
             raise http.HttpRefusal(404, "no_route", "No route for this host and path")
+        route = match.route.name
+        retry = [("Retry-After", str(RETRY_AFTER_SECONDS))]
         if self.draining:
-            refusal = http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere",
-                                       [("Retry-After", str(RETRY_AFTER_SECONDS))])
-            refusal.route = match.route.name
-            raise refusal
+            raise http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere", retry,
+                                   route=route)
         if match.route.target.kind == "static":
             if head.method not in ("GET", "HEAD"):
-                raise http.HttpRefusal(405, "bad_request", "Method Not Allowed",
-                                       [("Allow", "GET, HEAD")])
+                raise http.HttpRefusal(405, "bad_handshake", "Method Not Allowed",
+                                       [("Allow", "GET, HEAD")], route=route)
             return match
         try:
             http.check_websocket_upgrade(head)
         except http.HttpRefusal as refusal:
-            refusal.route = match.route.name
+            refusal.route = route
             raise
         if len(self.connections) >= self.config.core.max_connections:
-            refusal = http.HttpRefusal(
-                503, "max_connections", "Too many connections, retry later",
-                [("Retry-After", str(RETRY_AFTER_SECONDS))])
-            refusal.route = match.route.name
-            raise refusal
+            raise http.HttpRefusal(503, "max_connections", "Too many connections, retry later",
+                                   retry, route=route)
         return match
+
+    def rejected(self, refusal, client, identity=None, conn_id=None):
+        """An upgrade was refused: count it and emit ``websocket.connection.rejected``."""
+        self.stats.rejected_handshake(refusal.route, refusal.status, refusal.reason)
+        observe.emit(
+            "websocket.connection.rejected", "rejected {client}: {status} ({reason})",
+            conn_id=conn_id, route=refusal.route, client=client, identity=identity,
+            status=refusal.status, reason=refusal.reason, policy=refusal.policy)
 
     def register(self, connection):
         """A WebSocket is open: count it and emit ``websocket.connection.accepted``."""
@@ -258,15 +265,7 @@ class HandshakeProtocol(Protocol):
         self._release()
         if self.client is None:
             self.client = observe.format_address(self.transport.getPeer())
-        self.gateway.stats.rejected_handshake(getattr(refusal, "route", None), refusal.status,
-                                              refusal.reason)
-        observe.emit(
-            "websocket.connection.rejected",
-            "rejected {client}: {status} ({reason})",
-            conn_id=None, route=getattr(refusal, "route", None), client=self.client,
-            identity=identity,
-            status=refusal.status, reason=refusal.reason,
-            policy=getattr(refusal, "policy", None))
+        self.gateway.rejected(refusal, self.client, identity)
         self.transport.write(http.render_refusal(refusal))
         self.transport.loseConnection()
 
@@ -314,9 +313,7 @@ class HandshakeProtocol(Protocol):
         """A static route: the file for the tail, then close (no keep-alive)."""
         found = match.route.target.lookup(match.tail)
         if found is None or head.wants_websocket:
-            refusal = http.HttpRefusal(404, "no_route", "Not Found")
-            refusal.route = match.route.name
-            self._refuse(refusal)
+            self._refuse(http.HttpRefusal(404, "no_route", "Not Found", route=match.route.name))
             return
         self._done = True
         self._cancel_timer()

@@ -42,12 +42,14 @@ class HttpRefusal(Exception):
     response headers such as ``Retry-After``.
     """
 
-    def __init__(self, status, reason, body=None, headers=()):
+    def __init__(self, status, reason, body=None, headers=(), route=None, policy=None):
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
         self.body = body if body is not None else _REASONS.get(status, "Error")
         self.headers = tuple(headers)
+        self.route = route  # the route's name, when one matched (events, metrics)
+        self.policy = policy  # the policy that refused, if one did
 
 
 @dataclass(frozen=True)

@@ -212,14 +212,14 @@ def _as_refusal(failure, target, route_name):
         _log.warn("wsgate: upstream {url} unreachable for route {route}: {why}",
                   url=target.display_url, route=route_name, why=failure.getErrorMessage())
         refusal = http.HttpRefusal(503, "upstream_unreachable", "Upstream unavailable",
-                                   [("Retry-After", str(RETRY_AFTER_SECONDS))])
+                                   [("Retry-After", str(RETRY_AFTER_SECONDS))],
+                                   route=route_name)
     elif failure.check(UpstreamRejected):
         _log.warn("wsgate: upstream {url} rejected the upgrade for route {route}: {why}",
                   url=target.display_url, route=route_name, why=failure.getErrorMessage())
-        refusal = http.HttpRefusal(502, "upstream_rejected", "Bad Gateway")
+        refusal = http.HttpRefusal(502, "upstream_rejected", "Bad Gateway", route=route_name)
     else:
         return failure
-    refusal.route = route_name
     raise refusal
 
 

@@ -127,13 +127,11 @@ class TerminatedProtocol(WebSocketServerProtocol):
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         """Autobahn found the request invalid: answer without its exception text."""
-        self.gateway_refusal = http.HttpRefusal(code, "bad_handshake", "Bad WebSocket handshake")
-        observe.emit(
-            "websocket.connection.rejected", "rejected {client}: {status} ({reason})",
-            conn_id=self.connection.conn_id, route=self.connection.route,
-            client=self.connection.client, identity=None, status=code,
-            reason="bad_handshake", policy=None)
-        self.sendData(http.render_refusal(self.gateway_refusal))
+        refusal = http.HttpRefusal(code, "bad_handshake", "Bad WebSocket handshake",
+                                   route=self.connection.route)
+        self.gateway.rejected(refusal, self.connection.client, self.connection.identity,
+                              self.connection.conn_id)
+        self.sendData(http.render_refusal(refusal))
         self.dropConnection(abort=False)
 
     # -- open connection

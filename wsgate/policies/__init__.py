@@ -170,17 +170,15 @@ class PolicyChain:
                 except Exception:
                     _log.failure("wsgate: policy {policy} raised on route {route}",
                                  policy=policy.name, route=self.route_name)
-                    refusal = http.HttpRefusal(500, policy.name, "Internal Server Error")
-                    refusal.route, refusal.policy = self.route_name, policy.name
-                    raise refusal
+                    raise http.HttpRefusal(500, policy.name, "Internal Server Error",
+                                           route=self.route_name, policy=policy.name)
                 if isinstance(decision, Deny):
                     if policy.mode == "shadow":
                         self._shadow_denied(policy, request, decision)
                         continue
-                    refusal = http.HttpRefusal(
-                        decision.status, policy.name, decision.message, decision.headers)
-                    refusal.route, refusal.policy = self.route_name, policy.name
-                    raise refusal
+                    raise http.HttpRefusal(decision.status, policy.name, decision.message,
+                                           decision.headers, route=self.route_name,
+                                           policy=policy.name)
                 if isinstance(decision, Allow):
                     if decision.identity is not None:
                         outcome.identity = request.identity = decision.identity
