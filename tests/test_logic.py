@@ -237,3 +237,14 @@ def test_idle_timer_fires_only_after_a_quiet_period():
     off = IdleTimer(clock, 0, lambda: fired.append("never"))
     off.touch()
     assert not clock.getDelayedCalls()
+
+
+def test_after_a_message_level_violation_control_frames_are_still_read():
+    scanner = frames.FrameScanner(4)
+    too_big, more = client_frame(1, b"12345"), client_frame(2, b"xy")
+    close = client_frame(8, struct.pack("!H", 1000))
+    out = scanner.feed(too_big + more)
+    assert isinstance(out[-1], frames.Violation) and out[-1].code == 1009
+    out = scanner.feed(close)  # the data is discarded; the close reply is found
+    assert [type(item) for item in out] == [frames.ControlFrame]
+    assert out[0].close_code_reason() == (1000, "")

@@ -59,7 +59,7 @@ class FrameScanner:
 
     __slots__ = ("max_message_size", "remaining", "partial", "control", "message_size",
                  "in_message", "messages", "payload_bytes", "on_message", "broken",
-                 "dropping", "current_fin")
+                 "dropping", "current_fin", "discarding")
 
     def __init__(self, max_message_size, on_message=None):
         self.max_message_size = max_message_size
@@ -76,6 +76,9 @@ class FrameScanner:
         self.broken = False
         self.dropping = False
         self.current_fin = False
+        # after a message-level violation (1008, 1009) the stream is still well
+        # framed: data frames are discarded, control frames (the close reply) still read
+        self.discarding = False
 
     @property
     def at_boundary(self):
@@ -134,13 +137,19 @@ class FrameScanner:
                 pos += total
                 pass_from = pos
                 continue
-            violation = self._data_frame(fin, opcode, length)
+            violation = None if self.discarding else self._data_frame(fin, opcode, length)
             if violation is not None:
                 if pos > pass_from:
                     out.append(data[pass_from:pos])
-                self.broken = True
+                if violation.code == 1002:
+                    self.broken = True
+                else:  # skip this frame and every later data frame; keep reading controls
+                    self.discarding = True
+                    self.partial = data[pos:]
                 out.append(violation)
                 return out
+            if self.discarding:
+                self.dropping = True  # skip every data frame from now on
             if self.dropping:  # this frame belongs to a dropped message: skip it
                 if pos > pass_from:
                     out.append(data[pass_from:pos])
@@ -148,8 +157,8 @@ class FrameScanner:
                 pos += header_len + step
                 pass_from = pos
                 self.remaining = length - step
-                self.current_fin = bool(fin)
-                if fin and not self.remaining:
+                self.current_fin = bool(fin) and not self.discarding
+                if fin and not self.remaining and not self.discarding:
                     self.dropping = False
                 continue
             pos += header_len

@@ -402,6 +402,8 @@ class Relay:
                 self._end(source)
                 return
             sink.close_sent = True
+        elif sink.close_sent and sink.close_by_gateway:
+            return  # the gateway closed that side: nothing more goes to it
         if not sink.lost:
             sink.transport.write(frame.raw)
 
