@@ -356,3 +356,27 @@ echo = yes
             socket.create_connection(("127.0.0.1", old_port), timeout=2)
     finally:
         assert gw.stop() == 0
+
+
+def test_one_route_is_drained_from_the_admin_api(gateway):
+    async def scenario():
+        on_echo = await connect(gateway.url("/echo"))
+        on_private = await connect(gateway.url("/private"), additional_headers={
+            "X-API-Key": "good"})
+        status, body = await asyncio.to_thread(admin, gateway, "POST", "/drain/route/echo")
+        assert status == 202 and json.loads(body)["closing"] == 1
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(on_echo.recv(), 10)
+        assert info.value.rcvd.code == 1001
+        refused = parse_response(raw_request(gateway.port(), upgrade_request("/echo")))
+        assert refused[0] == 503 and refused[1]["retry-after"]
+        await on_private.send("unaffected")  # other routes carry on
+        assert await on_private.recv() == "unaffected"
+        assert (await asyncio.to_thread(admin, gateway, "POST", "/drain/route/nope"))[0] == 404
+        assert (await asyncio.to_thread(admin, gateway, "POST", "/drain/route/echo", None))[0] \
+            == 401
+        status, _ = await asyncio.to_thread(admin, gateway, "DELETE", "/drain/route/echo")
+        assert status == 200
+        assert parse_response(raw_request(gateway.port(), upgrade_request("/echo")))[0] == 101
+        await on_private.close()
+    run(scenario())

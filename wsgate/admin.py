@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from wsgate.gateway import DRAIN_SPREAD_MAX
 from wsgate.metrics import GatewayCollector
 from wsgate.pubsub import Message
 
@@ -160,6 +161,38 @@ class Connections(_Base):
                                     "reason": reason})
 
 
+class Drain(_Base):
+    """``POST /drain/route/{name}``: refuse new upgrades on a route (503) and close its
+    connections with 1001 over a few seconds; ``DELETE`` takes new upgrades again."""
+
+    isLeaf = True
+
+    def _route(self, request):
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if len(parts) != 2 or parts[0] != "route":
+            return None
+        names = {route.name for route in self.admin.gateway.config.routes}
+        return parts[1] if parts[1] in names else None
+
+    def render_POST(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        name = self._route(request)
+        if name is None:
+            return _json(request, 404, {"error": "no such route"})
+        closing = self.admin.gateway.drain_route(name, DRAIN_SPREAD_MAX)
+        return _json(request, 202, {"route": name, "draining": True, "closing": closing})
+
+    def render_DELETE(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        name = self._route(request)
+        if name is None:
+            return _json(request, 404, {"error": "no such route"})
+        self.admin.gateway.drained_routes.discard(name)
+        return _json(request, 200, {"route": name, "draining": False})
+
+
 class AdminSite(server.Site):
     """The admin endpoint's site; answers from the gateway it is given."""
 
@@ -177,6 +210,7 @@ class AdminSite(server.Site):
         root.putChild(b"metrics", Metrics(self))
         root.putChild(b"publish", Publish(self))
         root.putChild(b"connections", Connections(self))
+        root.putChild(b"drain", Drain(self))
         super().__init__(root)
         self.displayTracebacks = False
 

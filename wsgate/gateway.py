@@ -28,6 +28,7 @@ _log = Logger()
 
 _MAX_BUFFER = 64 * 1024  # bytes held while a decision is pending (head + early frames)
 RETRY_AFTER_SECONDS = 5
+DRAIN_SPREAD_MAX = 5.0  # drain closes are spread over up to this many seconds (jitter)
 
 
 class Connection:
@@ -64,6 +65,7 @@ class Gateway:
         self._listeners = {listener.name: listener for listener in config.listeners}
         self.stats = Stats()
         self.draining = False
+        self.drained_routes = set()  # routes drained from the admin API
 
     def chain(self, route):
         """The policy chain of *route* (built once per route)."""
@@ -106,7 +108,7 @@ class Gateway:
             raise http.HttpRefusal(404, "no_route", "No route for this host and path")
         route = match.route.name
         retry = [("Retry-After", str(RETRY_AFTER_SECONDS))]
-        if self.draining:
+        if self.draining or route in self.drained_routes:
             raise http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere", retry,
                                    route=route)
         if match.route.target.kind == "static":
@@ -123,6 +125,17 @@ class Gateway:
             raise http.HttpRefusal(503, "max_connections", "Too many connections, retry later",
                                    retry, route=route)
         return match
+
+    def drain_route(self, name, spread):
+        """Refuse new upgrades on route *name* (503) and close its connections with 1001,
+        spread over *spread* seconds; return how many are being closed."""
+        import random
+
+        self.drained_routes.add(name)
+        closing = [c for c in self.connections.values() if c.route == name]
+        for connection in closing:
+            self.clock.callLater(random.uniform(0, spread), going_away, connection)
+        return len(closing)
 
     def rejected(self, refusal, client, identity=None, conn_id=None):
         """An upgrade was refused: count it and emit ``websocket.connection.rejected``."""
@@ -162,6 +175,12 @@ class Gateway:
             factory = make_websocket_factory(listener, self.clock)
             self._ws_factories[listener.name] = factory
         return factory
+
+
+def going_away(connection):
+    """Close *connection* with 1001 (drain); proxied ones close their upstream too."""
+    if connection.protocol is not None:
+        connection.protocol.close_with(1001, "going away")
 
 
 class HandshakeProtocol(Protocol):

@@ -195,6 +195,35 @@ class _Publish(_Base):
         return server.NOT_DONE_YET
 
 
+class _Drain(_Base):
+    """``/drain/route/{name}``: every worker drains (or stops draining) the route."""
+
+    isLeaf = True
+
+    def _forward(self, request, method):
+        if not self.authorized(request):
+            return self.deny(request)
+
+        def combine(results):
+            answers = [value for _, (ok, value) in results if ok]
+            if not answers:
+                _finish(request, 503, {"error": "no worker answered"})
+                return
+            status = answers[0][0]
+            body = json.loads(answers[0][1])
+            if "closing" in body:
+                body["closing"] = sum(json.loads(a[1]).get("closing", 0) for a in answers)
+            _finish(request, status, body)
+        self.admin.call_all(method, request.uri).addCallback(combine)
+        return server.NOT_DONE_YET
+
+    def render_POST(self, request):
+        return self._forward(request, b"POST")
+
+    def render_DELETE(self, request):
+        return self._forward(request, b"DELETE")
+
+
 class PoolAdminSite(server.Site):
     requestFactory = _LimitedRequest
     noisy = False
@@ -206,6 +235,7 @@ class PoolAdminSite(server.Site):
         root.putChild(b"metrics", _Metrics(self.pool_view))
         root.putChild(b"connections", _Connections(self.pool_view))
         root.putChild(b"publish", _Publish(self.pool_view))
+        root.putChild(b"drain", _Drain(self.pool_view))
         super().__init__(root)
         self.displayTracebacks = False
 

@@ -19,14 +19,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from wsgate import fastpath, observe
 from wsgate.config import ConfigError, load
-from wsgate.gateway import Gateway, GatewayFactory
+from wsgate.gateway import DRAIN_SPREAD_MAX, Gateway, GatewayFactory, going_away
 from wsgate.pubsub.memory import MemoryBroker
 from wsgate.pubsub.redis import RedisBroker
 from wsgate.routing import build_router
 from wsgate.tap import fail
 
 _log = Logger()
-DRAIN_SPREAD_MAX = 5.0  # closes are spread over up to this many seconds (jitter)
 
 
 class BindError(Exception):
@@ -259,7 +258,7 @@ class GatewayService(service.MultiService):
                   t=timeout)
         spread = min(DRAIN_SPREAD_MAX, timeout / 3)
         for connection in connections:
-            reactor.callLater(random.uniform(0, spread), _going_away, connection)
+            reactor.callLater(random.uniform(0, spread), going_away, connection)
         self._drain_call = reactor.callLater(timeout, self._drain_timed_out)
         self._wait_until_empty()
 
@@ -367,7 +366,3 @@ def _raise_open_file_limit():
             pass
 
 
-def _going_away(connection):
-    protocol = connection.protocol
-    if protocol is not None:
-        protocol.close_with(1001, "going away")
