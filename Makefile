@@ -3,6 +3,7 @@
 #   make run          create .venv, install wsgate into it, run etc/wsgate.ini
 #   make test         the whole test suite (installs the test peers first)
 #   make conformance  the full Autobahn testsuite (all cases, ~35 min) + README summary
+#   make bench        the benchmark suite (~25 min; bench/run.py --quick: ~3 min)
 #   make deb          build dist/deb/wsgate_VERSION_amd64.deb and lintian it (root)
 #   make deb-test     .deb build, lintian, install, run as the unit would, reload, stop, purge (root)
 
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SOURCES := setup.cfg pyproject.toml $(shell find wsgate twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test conformance peers clean deb deb-test
+.PHONY: run test conformance peers clean deb deb-test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ test: $(STAMP) peers
 
 conformance: $(STAMP) peers
 	$(BIN)/python scripts/conformance.py --cases all --update-readme
+
+# Installs its own peers (nginx, bench/node_modules, matplotlib) through bench/setup.sh;
+# prints the table, writes bench/results/ (latest.json, README-table.rst, ratios.png).
+bench: $(STAMP) peers
+	$(BIN)/python bench/run.py
 
 # Root; installs the build dependencies where missing. Artifacts in dist/deb/.
 deb:
