@@ -25,6 +25,20 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+def wait_for_event(cond, events, predicate, timeout, explain):
+    """Wait on *cond* until an item of *events* matches *predicate*; return it."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while True:
+            for event in events:
+                if predicate(event):
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(explain())
+            cond.wait(min(remaining, 0.2))
+
+
 class GatewayProcess:
     """A ``twistd -n wsgate`` subprocess with its log lines collected."""
 
@@ -88,16 +102,8 @@ class GatewayProcess:
 
     def wait_event(self, predicate, timeout=10):
         """Wait for a JSON log event matching *predicate*; return it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for event in self.events:
-                    if predicate(event):
-                        return event
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError("no such event in:\n" + "".join(self.lines))
-                self._cond.wait(min(remaining, 0.2))
+        return wait_for_event(self._cond, self.events, predicate, timeout,
+                              lambda: "no such event in:\n" + "".join(self.lines))
 
     def events_named(self, name):
         with self._cond:
@@ -285,16 +291,8 @@ class NodeUpstream:
                 self._cond.notify_all()
 
     def wait_event(self, predicate, timeout=10):
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for event in self.events:
-                    if predicate(event):
-                        return event
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"no such upstream event in {self.events}")
-                self._cond.wait(min(remaining, 0.2))
+        return wait_for_event(self._cond, self.events, predicate, timeout,
+                              lambda: f"no such upstream event in {self.events}")
 
     def stop(self):
         if self.proc.poll() is None:
