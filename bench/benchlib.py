@@ -345,13 +345,14 @@ http {{
             proxy_set_header Host $host;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
+            {extra}
         }}
     }}
 }}
 """
 
 
-def start_nginx(name, upstream_port, nofile, core=SERVER_CORE):
+def start_nginx(name, upstream_port, nofile, core=SERVER_CORE, extra=""):
     """Debian's nginx as a WebSocket reverse proxy: own config, loopback port, no daemon."""
     if not os.path.exists(NGINX):
         raise PeerFailed("nginx is not installed (bench/setup.sh installs it)")
@@ -362,7 +363,8 @@ def start_nginx(name, upstream_port, nofile, core=SERVER_CORE):
         conf = os.path.join(directory, f"{name}.conf")
         with open(conf, "w") as f:
             f.write(NGINX_CONF.format(dir=directory, port=port, upstream=upstream_port,
-                                      nofile=nofile, connections=max(1024, nofile - 100)))
+                                      nofile=nofile, connections=max(1024, nofile - 100),
+                                      extra=extra))
         proc = Proc(name, [NGINX, "-e", os.path.join(directory, "nginx-error.log"), "-p", directory,
                            "-c", conf, "-g", f"daemon off; pid {directory}/{name}.pid;"], core=core)
         try:
@@ -458,6 +460,12 @@ def machine_info():
     try:
         with open(os.path.join(HERE, "node_modules", "ws", "package.json")) as f:
             versions["ws"] = json.load(f)["version"]
+    except Exception:
+        pass
+    try:
+        versions["git"] = subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
+            text=True, timeout=10).stdout.strip()
     except Exception:
         pass
     return {"nproc": NCPU, "cpu_model": model, "kernel": os.uname().release,

@@ -3,8 +3,8 @@
 
 usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake]
                     [--compare-fast-paths] [--repeat N] [--no-setup]
-       bench/run.py --only idle100k [--idle100k-connections 100000]   (manual)
-       bench/run.py --only workers                                        (manual)
+       bench/run.py --only workers        (manual: wsgate workers = 1 vs 2, unpinned)
+       bench/idle_100k.py                 (manual: 100k idle connections over workers)
 
 (``make bench`` runs it with the project's .venv.) Scenarios:
 
@@ -18,8 +18,6 @@ usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake]
   handshake  new connection per handshake (close right after the 101): wsgate echo
              route with and without an apikey policy vs bare Autobahn
   workers    (not in the default set) wsgate workers = 1 vs 2, unpinned
-  idle100k   (not in the default set) 100k idle connections over several workers
-             and several generator processes
 
 The primary figure is the server's CPU time (utime + stime of the server process
 and its children, from /proc/PID/stat) per message, read by the load generator at
@@ -56,7 +54,7 @@ import report  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DEFAULT_SCENARIOS = ["echo", "proxy", "fanout", "idle", "handshake"]
-ALL_SCENARIOS = DEFAULT_SCENARIOS + ["workers", "idle100k"]
+ALL_SCENARIOS = DEFAULT_SCENARIOS + ["workers"]
 KEY = "bench-key-1"
 
 
@@ -219,7 +217,8 @@ def scenario_proxy(args, p, results):
     for name, extra in wsgate_variants(args):
         starters[name] = (lambda name=name, extra=extra: B.start_wsgate(
             name, route, wsgate_extra=extra))
-    starters["nginx"] = lambda: B.start_nginx("nginx", upstream.port, args.nofile)
+    starters["nginx"] = lambda: B.start_nginx("nginx", upstream.port, args.nofile,
+                                              extra=args.nginx_directives)
     starters["naive-relay"] = lambda: B.start_python(
         "naive-relay", "naive_relay.py", f"ws://127.0.0.1:{upstream.port}/echo")
     peers = start_peers(results, "proxy", starters)
@@ -447,80 +446,9 @@ def scenario_workers(args, p, results):
             peers[name].stop()
 
 
-def scenario_idle100k(args, p, results):
-    """100k idle connections with pings: several workers, several generator processes."""
-    target = args.idle100k_connections
-    per_gen = 16000
-    gens = -(-target // per_gen)
-    workers = args.idle100k_workers
-    log(f"== idle100k: {target} idle connections, {workers} wsgate workers, "
-        f"{gens} generator processes, pings every 30 s")
-    name = "wsgate-idle100k"
-    extra = args.wsgate_extra + (f"workers = {workers}\n" if workers > 1 else "")
-    peers = start_peers(results, "idle100k", {name: lambda: B.start_wsgate(
-        name, "[route:idle]\npath = /idle\necho = yes\n", ping_interval="30s",
-        wsgate_extra=extra + "max_connections = 200000\n", core=None)})
-    if name not in peers:
-        return
-    peer = peers[name]
-    procs = []
-    config = {"target": target, "workers": workers, "generators": gens}
-    try:
-        time.sleep(2.0)
-        before = peer.proc.rss_kb()
-        opened_total = failed_total = 0
-        started = time.monotonic()
-        for g in range(gens):
-            count = min(per_gen, target - g * per_gen)
-            # own loopback source addresses per generator: 28k ephemeral ports each
-            addrs = [f"127.0.{g + 1}.{k}" for k in range(1, 5)]
-            proc = B.Proc(f"gen-idle100k-{g}", [B.NODE, B.LOADGEN, json.dumps({
-                "mode": "idle", "url": peer.url("/idle"), "connections": count,
-                "local_addresses": addrs, "concurrency": 100, "hold_max": 900,
-                "max_seconds": 1200})], core=None, cwd=HERE, stdin=True)
-            procs.append(proc)
-            try:
-                opened = proc.wait_for(lambda o: o.get("event") == "opened", 600, "opened")
-            except B.PeerFailed as exc:
-                results.error("idle100k", name, config, str(exc))
-                break
-            opened_total += opened["connections"]
-            failed_total += opened["failed"]
-            log(f"    generator {g}: {opened['connections']} open, {opened['failed']} failed "
-                f"({opened['seconds']:.0f} s); total {opened_total}; server RSS "
-                f"{peer.proc.rss_kb() / 1024:.0f} MiB")
-            if opened["failed"] > count // 10 or time.monotonic() - started > 900:
-                break
-        time.sleep(args.idle100k_hold)
-        after = peer.proc.rss_kb()
-        processes = len(peer.proc.pids())
-        still = 0
-        for proc in procs:
-            proc.send("close\n")
-        for proc in procs:
-            try:
-                proc.wait_exit(120)
-                res = next((o["result"] for o in reversed(proc.read_objects()) if "result" in o), {})
-                still += res.get("still_open") or 0
-            except B.PeerFailed:
-                pass
-        r = {"connections": opened_total, "failed": failed_total, "still_open": still,
-             "rss_before_kb": before, "rss_after_kb": after, "server_processes": processes,
-             "kb_per_connection": (after - before) / opened_total if opened_total else None,
-             "hold_seconds": args.idle100k_hold}
-        results.add("idle100k", config, name, r, 0)
-        log(f"    {opened_total} open ({failed_total} failed), still open after "
-            f"{args.idle100k_hold:.0f} s: {still}; RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB"
-            f" over {processes} processes: {r['kb_per_connection'] or 0:.2f} KiB per connection")
-    finally:
-        for proc in procs:
-            proc.stop()
-        peer.stop()
-
-
 SCENARIOS = {"echo": scenario_echo, "proxy": scenario_proxy, "fanout": scenario_fanout,
              "idle": scenario_idle, "handshake": scenario_handshake,
-             "workers": scenario_workers, "idle100k": scenario_idle100k}
+             "workers": scenario_workers}
 
 
 # ------------------------------------------------------------------ main
@@ -568,21 +496,30 @@ def main():
                         help="add a wsgate peer with [wsgate] fast_paths = no")
     parser.add_argument("--wsgate-extra", default="",
                         help="extra [wsgate] lines for every wsgate peer, e.g. 'fast_paths = no'")
-    parser.add_argument("--idle100k-connections", type=int, default=100000)
-    parser.add_argument("--idle100k-workers", type=int, default=7)
-    parser.add_argument("--idle100k-hold", type=float, default=40.0)
     parser.add_argument("--client", choices=("raw", "ws"), default="raw",
                         help="request/response client: raw frames (default) or npm ws clients")
+    parser.add_argument("--nginx-directives", default="",
+                        help="extra directives for nginx's proxy location, e.g. "
+                        "'proxy_buffer_size 64k;'")
     parser.add_argument("--peers", default="",
                         help="only these peers, e.g. wsgate,autobahn (default: all)")
     parser.add_argument("--no-setup", action="store_true",
                         help="skip bench/setup.sh and the wsgate reinstall check")
-    parser.add_argument("--output", default=RESULTS, help="results directory")
+    parser.add_argument("--output", default=None,
+                        help="results directory (default bench/results for a complete full "
+                        "run, bench/results/partial for --quick or a narrowed run, so that "
+                        "the figures the README shows are only replaced by a full run)")
     args = parser.parse_args()
     args.wsgate_extra = "\n".join(x.strip() for x in args.wsgate_extra.split(";") if x.strip())
     if args.wsgate_extra:
         args.wsgate_extra += "\n"
     scenarios = [s.strip() for s in args.only.split(",") if s.strip()] or DEFAULT_SCENARIOS
+    partial = (args.quick or scenarios != DEFAULT_SCENARIOS or args.peers or args.echo
+               or args.fanout or args.duration or args.repeat or args.idle_connections
+               or args.client != "raw" or args.nginx_directives or args.wsgate_extra
+               or args.compare_fast_paths)
+    if args.output is None:
+        args.output = os.path.join(RESULTS, "partial") if partial else RESULTS
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
@@ -623,6 +560,7 @@ def main():
     load_after = B.load_info()
     data = {
         "date": date.isoformat(timespec="seconds"), "quick": args.quick, "client": args.client,
+        "partial": bool(partial), "argv": sys.argv[1:],
         "scenarios": scenarios, "plan": {k: v for k, v in p.items()},
         "machine": machine, "load_before": load_before, "load_after": load_after,
         "seconds": round(time.monotonic() - started, 1), "workdir": workdir,
