@@ -153,7 +153,12 @@ endpoint = tcp:0:interface=127.0.0.1
 
 def start_gateway(directory, extra, listeners=("main",), base=BASE_CONFIG, env=None):
     path = write_config(directory, textwrap.dedent(base) + textwrap.dedent(extra))
-    return GatewayProcess(path, env=env).wait_listening(listeners)
+    gateway = GatewayProcess(path, env=env)
+    try:
+        return gateway.wait_listening(listeners)
+    except BaseException:
+        gateway.stop()  # never leave a half-started gateway behind
+        raise
 
 
 def run_twistd_expecting_failure(config_path, timeout=20):
