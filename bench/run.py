@@ -83,7 +83,10 @@ def plan(args):
             "proxy": [(100, 64), (100, 16384)],
             # 20k deliveries/s: no peer is saturated, so latency is delivery, not queueing;
             # 100k deliveries/s: the slower peers saturate (and then batch their writes)
-            "fanout": [(1000, 200, 20), (10000, 20, 2), (1000, 1000, 100), (10000, 100, 10)],
+            # bursts of 10 messages (one publisher write) at the same mean rates: what
+            # per-iteration coalescing is for
+            "fanout": [(1000, 200, 20), (10000, 20, 2), (1000, 1000, 100), (10000, 100, 10),
+                       (1000, 1000, 100, 10), (10000, 100, 10, 10)],
             "idle_connections": 5000, "idle_hold": 35.0,
             "handshake_duration": 5.0, "handshake_concurrency": 32,
         }
@@ -276,9 +279,13 @@ def scenario_fanout(args, p, results):
     peers = start_peers(results, "fanout", starters)
     try:
         for rep in range(1):  # long runs; one repetition
-            for i, (subs, messages, rate) in enumerate(p["fanout"]):
+            for i, (subs, messages, rate, *more) in enumerate(p["fanout"]):
+                burst = more[0] if more else 1
                 config = {"subscribers": subs, "messages": messages, "rate": rate, "size": 64}
-                log(f"  {subs} subscribers, {messages} messages at {rate}/s")
+                if burst > 1:
+                    config["burst"] = burst
+                log(f"  {subs} subscribers, {messages} messages at {rate}/s"
+                    + (f" in bursts of {burst}" if burst > 1 else ""))
                 for name in rotated(peers, i):
                     peer = peers[name]
                     other = [redis.proc] if name.endswith("-redis") else []
@@ -286,6 +293,7 @@ def scenario_fanout(args, p, results):
                         r = B.generate(f"gen-fanout-{name}", {
                             "mode": "fanout", "url": peer.url("/fanout"), "subscribers": subs,
                             "messages": messages, "rate": rate, "size": 64, "drain_timeout": 20,
+                            "burst": burst,
                         }, server=peer.proc, other=other, timeout=messages / rate + 150)
                     except B.PeerFailed as exc:
                         results.error("fanout", name, config, str(exc))
@@ -491,7 +499,7 @@ def main():
                         help="idle scenario's connections (default 2000 quick, 5000 full)")
     parser.add_argument("--echo", default="", help="echo cases, e.g. 100x64,1000x16384")
     parser.add_argument("--fanout", default="",
-                        help="fan-out cases SUBSCRIBERS:MESSAGES:RATE, e.g. 10000:100:10")
+                        help="fan-out cases SUBSCRIBERS:MESSAGES:RATE[:BURST], e.g. 10000:100:10:10")
     parser.add_argument("--compare-fast-paths", action="store_true",
                         help="add a wsgate peer with [wsgate] fast_paths = no")
     parser.add_argument("--wsgate-extra", default="",

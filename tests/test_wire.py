@@ -50,9 +50,17 @@ echo = yes
 """
 
 
+DEFLATE_LISTENER = """
+[listen:deflate]
+endpoint = tcp:0:interface=127.0.0.1
+compression = permessage-deflate
+"""
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gw = start_gateway(tmp_path_factory.mktemp("wire"), ROUTES)
+    gw = start_gateway(tmp_path_factory.mktemp("wire"), DEFLATE_LISTENER + ROUTES,
+                       listeners=("main", "deflate"))
     yield gw
     assert gw.stop() == 0
 
@@ -131,6 +139,62 @@ def test_client_publish_no_closes_publisher_with_1008(gateway):
             with pytest.raises(ConnectionClosed) as info:
                 await ws.recv()
             assert info.value.rcvd.code == 1008
+    run(scenario())
+
+
+def _masked(opcode, payload, key=b"\x11\x22\x33\x44"):
+    """One client frame (FIN, masked)."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_burst_in_one_write_reaches_every_subscriber_whole_and_in_order(gateway):
+    """Deliveries are coalesced per reactor iteration (fast paths) or not: same result.
+
+    The publisher writes 300 messages in one send (text and binary, 1 B to
+    70 KiB, so some writes outgrow the socket buffer), then a final marker.
+    Every subscriber, compressed or not, gets each one once, in order, as
+    the type it was sent as.
+    """
+    messages = []
+    for i in range(300):
+        size = (1, 64, 1000, 70000)[i % 4]
+        body = (b"%05d" % i + b"x" * size)[:max(size, 5)]
+        messages.append(body if i % 3 else body.decode())
+
+    async def scenario():
+        plain = [await connect(gateway.url("/chat/burst"), compression=None) for _ in range(3)]
+        deflate = await connect(gateway.url("/chat/burst", name="deflate"))
+        assert "permessage-deflate" in (deflate.response.headers.get(
+            "Sec-WebSocket-Extensions") or "")
+        subscribers = plain + [deflate]
+        try:
+            with socket.create_connection(("127.0.0.1", gateway.port()), timeout=10) as pub:
+                pub.sendall(upgrade_request("/chat/burst"))
+                assert pub.recv(4096).startswith(b"HTTP/1.1 101")
+                burst = b"".join(_masked(1 if isinstance(m, str) else 2,
+                                         m.encode() if isinstance(m, str) else m)
+                                 for m in messages)
+                pub.sendall(burst + _masked(1, b"end"))
+                for ws in subscribers:
+                    got = []
+                    while True:
+                        message = await asyncio.wait_for(ws.recv(), 20)
+                        if message == "end":
+                            break
+                        got.append(message)
+                    assert len(got) == len(messages)
+                    assert got == messages
+        finally:
+            for ws in subscribers:
+                await ws.close()
     run(scenario())
 
 

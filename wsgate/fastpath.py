@@ -6,9 +6,11 @@ Two changes, measured on the echo and proxy paths (see README "Performance"):
   queued, instead of buffering and asking epoll for writability (two
   ``epoll_ctl`` calls and one more reactor dispatch per message). Only what the
   socket does not take is buffered the usual way, so ordering and producer
-  flow control are unchanged. Used for request/response paths (echo, proxy);
-  broadcast subscribers keep Twisted's buffered write, which coalesces a
-  burst of deliveries into one send per reactor iteration.
+  flow control are unchanged. Used on every wsgate connection (echo, proxy,
+  broadcast). Broadcast deliveries are first collected per connection for
+  the reactor iteration (:mod:`wsgate.coalesce`), so a burst still leaves in
+  one send; measured alone, an immediate write per delivery made bursty
+  fan-out slower than Twisted's buffered write.
 * **No per-event log context**: the epoll reactor wraps every read/write event
   in ``log.callWithLogger`` (a context push and pop per event). Events of
   selectables marked by wsgate are dispatched directly; exceptions are still

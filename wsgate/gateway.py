@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 from wsgate import fastpath, forwarding, http, observe, proxy
+from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
@@ -59,6 +60,7 @@ class Gateway:
         self.broker = broker
         self.clock = clock
         self.reactor = clock
+        self.flusher = IterationFlusher(clock)  # coalesced broadcast deliveries
         self.connections = {}
         self._ws_factories = {}
         self._chains = {}
@@ -324,8 +326,10 @@ class HandshakeProtocol(Protocol):
         self._outcome = None  # the protocol owns it from here
         protocol = build_terminated_protocol(self.gateway, self.listener, match, connection,
                                              self.fast)
-        if self.fast and match.route.target.kind == "echo":
-            fastpath.immediate_write(self.transport)  # request/response: send at once
+        if self.fast:
+            # echo: request/response, send at once; broadcast: the coalesced
+            # per-iteration write then goes out in one send, no epoll round trip
+            fastpath.immediate_write(self.transport)
         self._hand_over(protocol)
 
     def _serve_static(self, match, head):

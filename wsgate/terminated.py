@@ -86,10 +86,35 @@ def log_message(connection, verb, size, is_binary):
                  size=size, binary=is_binary, **connection.fields())
 
 
+def protocol_class(factory, fast):
+    """The protocol class for *factory*'s connections (built once, kept on the factory).
+
+    With ``fast``, a subclass of :class:`FastTerminatedProtocol` that holds
+    the factory's Autobahn options (``CONFIG_ATTRS``) as class attributes.
+    Autobahn's ``_connectionMade`` otherwise copies some 40 options into
+    every connection's ``__dict__`` (memory per idle connection) and
+    ``pformat``s all of them for a debug line, logged or not (about 1 ms per
+    handshake, the largest single cost measured). The options are the
+    factory's values either way; a route's own limits are still set on the
+    instance.
+    """
+    classes = factory.__dict__.setdefault("_wsgate_protocol_classes", {})
+    cls = classes.get(fast)
+    if cls is None:
+        if fast:
+            options = {attr: getattr(factory, attr) for attr in FastTerminatedProtocol.CONFIG_ATTRS}
+            cls = type("ListenerProtocol", (FastTerminatedProtocol,),
+                       dict(options, CONFIG_ATTRS=()))
+        else:
+            cls = TerminatedProtocol
+        classes[fast] = cls
+    return cls
+
+
 def build_terminated_protocol(gateway, listener, match, connection, fast=False):
     """The WebSocket protocol (with its session) for an accepted terminated route."""
     factory = gateway.websocket_factory(listener)
-    protocol = (FastTerminatedProtocol if fast else TerminatedProtocol)()
+    protocol = protocol_class(factory, fast)()
     protocol.factory = factory
     route = match.route
     if route.max_message_size is not None:
@@ -101,7 +126,8 @@ def build_terminated_protocol(gateway, listener, match, connection, fast=False):
     else:
         session = BroadcastSession(
             gateway.broker, route.target.channel_for(match.params), route.target,
-            gateway.node_id, gateway.stats, route.name)
+            gateway.node_id, gateway.stats, route.name,
+            flusher=gateway.flusher if fast else None)
     protocol.bind(gateway, connection, session, idle)
     return protocol
 
@@ -227,13 +253,37 @@ class FastTerminatedProtocol(TerminatedProtocol):
         self.message_data = None
 
     def sendData(self, data, sync=False, chopsize=None):
+        if self.session.pending:  # broadcast frames queued this iteration go first
+            self.session.flush()
         if sync or chopsize or self.send_queue:
             return TerminatedProtocol.sendData(self, data, sync, chopsize)
         self.transport.write(data)
 
+    def send_prepared(self, prepared, size, is_binary):
+        """A broadcast delivery, coalesced per reactor iteration (see wsgate.coalesce).
+
+        The session counts it when it writes it. With permessage-deflate
+        negotiated each subscriber compresses on its own, as Autobahn's
+        ``sendPreparedMessage`` does.
+        """
+        if self.sessions and self._refused_by_policy("out", is_binary, size):
+            return
+        if self.state == self.STATE_OPEN:
+            if self.log_messages:
+                log_message(self.connection, "sent", size, is_binary)
+            if self._perMessageCompress is None:
+                self.session.enqueue(prepared.payloadHybi, size)
+            else:
+                self.connection.messages_out += 1
+                self.connection.bytes_out += size
+                self.idle.touch()
+                self.sendPreparedMessage(prepared)
+
 
 class EchoSession:
     """Sends every message back, text as text and binary as binary."""
+
+    pending = ()  # nothing is ever coalesced (see BroadcastSession)
 
     def opened(self, protocol):
         pass
@@ -255,23 +305,40 @@ class BroadcastSession:
     the route's ``max_send_buffer`` bytes; past that the route's
     ``slow_consumer`` applies: ``drop`` the message for this subscriber
     (counted) or ``close`` it with 1013. Fan-out never waits for anyone.
+
+    Coalescing (wsgate's fast protocol, ``fast_paths = yes``): deliveries are
+    pre-framed bytes collected in ``pending`` and written once per reactor
+    iteration by :meth:`flush` (see :mod:`wsgate.coalesce`). ``direct`` says
+    that a delivery may skip every per-message check and go straight to
+    ``pending``: no per-message policy, no message log, no compression, not
+    paused, nothing queued. Queued bytes are written only while the
+    connection is open, so nothing follows a close frame.
     """
 
-    def __init__(self, broker, channel, target, node_id, stats, route):
+    def __init__(self, broker, channel, target, node_id, stats, route, flusher=None):
         self.broker = broker
         self.channel = channel
         self.target = target
         self.node_id = node_id
         self.stats, self.route = stats, route
+        self.flusher = flusher
         self.protocol = None
         self.conn_id = None
         self.paused = False
         self.queue = deque()
         self.queued_bytes = 0
+        self.pending = []
+        self.pending_bytes = 0
+        self.may_be_direct = False
+        self.direct = False
 
     def opened(self, protocol):
         self.protocol = protocol
         self.conn_id = protocol.connection.conn_id
+        self.may_be_direct = (self.flusher is not None and isinstance(protocol, FastTerminatedProtocol)
+                              and not protocol.sessions and not protocol.log_messages
+                              and protocol._perMessageCompress is None)
+        self.direct = self.may_be_direct
         protocol.transport.registerProducer(self, True)
         self.broker.subscribe(self.channel, self)
 
@@ -292,6 +359,12 @@ class BroadcastSession:
     def deliver(self, message, prepared):
         if message.origin_conn == self.conn_id and not self.target.include_sender:
             return
+        if self.direct:  # the hot path: 1,000s of these per message
+            if not self.pending:
+                self.flusher.mark(self)
+            self.pending.append(prepared.payloadHybi)
+            self.pending_bytes += len(message.payload)
+            return
         size = len(message.payload)
         if not self.paused and not self.queue:
             self.protocol.send_prepared(prepared, size, message.is_binary)
@@ -301,6 +374,29 @@ class BroadcastSession:
             return
         self.queue.append((prepared, size, message.is_binary))
         self.queued_bytes += size
+
+    def enqueue(self, frame, size):
+        """Coalesce one pre-framed delivery (the fast protocol's ``send_prepared``)."""
+        if not self.pending:
+            self.flusher.mark(self)
+        self.pending.append(frame)
+        self.pending_bytes += size
+
+    def flush(self):
+        """Write the pending frames in one write, counted, if the connection is still open."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        size, self.pending_bytes = self.pending_bytes, 0
+        protocol = self.protocol
+        if protocol.state != protocol.STATE_OPEN:
+            return  # closing: no data frame may follow the close frame
+        connection = protocol.connection
+        connection.messages_out += len(pending)
+        connection.bytes_out += size
+        protocol.idle.touch()
+        protocol.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _too_slow(self):
         if self.target.slow_consumer == "drop":
@@ -316,6 +412,7 @@ class BroadcastSession:
 
     def pauseProducing(self):
         self.paused = True
+        self.direct = False
 
     def resumeProducing(self):
         self.paused = False
@@ -323,10 +420,14 @@ class BroadcastSession:
             prepared, size, is_binary = self.queue.popleft()
             self.queued_bytes -= size
             self.protocol.send_prepared(prepared, size, is_binary)
+        self.direct = self.may_be_direct and not self.paused and not self.queue
 
     def stopProducing(self):
+        self.direct = self.may_be_direct = False
         self.queue.clear()
         self.queued_bytes = 0
+        self.pending = []
+        self.pending_bytes = 0
 
     def closed(self, protocol):
         self.broker.unsubscribe(self.channel, self)

@@ -30,11 +30,13 @@ class LocalFanout:
 
     def __init__(self):
         self._channels = {}
+        self._snapshots = {}  # channel -> tuple of its subscribers, until one comes or goes
 
     def add(self, channel, subscriber):
         subscribers = self._channels.setdefault(channel, {})
         first = not subscribers
         subscribers[subscriber] = None
+        self._snapshots.pop(channel, None)
         return first
 
     def remove(self, channel, subscriber):
@@ -42,6 +44,7 @@ class LocalFanout:
         if subscribers is None or subscriber not in subscribers:
             return False
         del subscribers[subscriber]
+        self._snapshots.pop(channel, None)
         if not subscribers:
             del self._channels[channel]
             return True
@@ -55,11 +58,13 @@ class LocalFanout:
 
     def deliver(self, channel, message):
         """Hand *message* to every local subscriber of *channel*; return how many."""
-        subscribers = self._channels.get(channel)
-        if not subscribers:
-            return 0
+        # A snapshot: a delivery may close a subscriber, which unsubscribes it.
+        subscribers = self._snapshots.get(channel)
+        if subscribers is None:
+            if channel not in self._channels:
+                return 0
+            subscribers = self._snapshots[channel] = tuple(self._channels[channel])
         prepared = PreparedMessage(message.payload, message.is_binary, False, False)
-        # A copy: a delivery may close a subscriber, which unsubscribes it.
-        for subscriber in list(subscribers):
+        for subscriber in subscribers:
             subscriber.deliver(message, prepared)
         return len(subscribers)
