@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """wsgate's benchmark suite: every scenario compares wsgate with its peers in one run.
 
-usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake]
+usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake,workers]
                     [--compare-fast-paths] [--repeat N] [--no-setup]
-       bench/run.py --only workers        (manual: wsgate workers = 1 vs 2, unpinned)
        bench/idle_100k.py                 (manual: 100k idle connections over workers)
 
 (``make bench`` runs it with the project's .venv.) Scenarios:
@@ -12,12 +11,14 @@ usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake]
              route vs bare Twisted+Autobahn, Python websockets, Node ws
   proxy      100 connections x 64 B and 16 KiB through wsgate's proxy route, nginx, a
              naive two-leg Autobahn relay, and directly, to one Node ws echo upstream
-  fanout     1k and 10k subscribers of one channel, one publisher at a paced rate:
+  fanout     1k and 10k subscribers of one channel, one publisher at a paced rate
+             (one message at a time, or bursts of 10 written at once):
              wsgate (in-memory broker and via Redis), a naive sendMessage loop, Node ws
   idle       N idle connections with pings on (30 s): RSS per connection
   handshake  new connection per handshake (close right after the 101): wsgate echo
              route with and without an apikey policy vs bare Autobahn
-  workers    (not in the default set) wsgate workers = 1 vs 2, unpinned
+  workers    wsgate workers = 1 vs 2, 1000 x 64 B echo, unpinned (the generator
+             shares the two cores with the workers)
 
 The primary figure is the server's CPU time (utime + stime of the server process
 and its children, from /proc/PID/stat) per message, read by the load generator at
@@ -53,8 +54,8 @@ import benchlib as B  # noqa: E402
 import report  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-DEFAULT_SCENARIOS = ["echo", "proxy", "fanout", "idle", "handshake"]
-ALL_SCENARIOS = DEFAULT_SCENARIOS + ["workers"]
+DEFAULT_SCENARIOS = ["echo", "proxy", "fanout", "idle", "handshake", "workers"]
+ALL_SCENARIOS = DEFAULT_SCENARIOS
 KEY = "bench-key-1"
 
 

@@ -4,7 +4,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
@@ -248,3 +248,44 @@ def test_after_a_message_level_violation_control_frames_are_still_read():
     out = scanner.feed(close)  # the data is discarded; the close reply is found
     assert [type(item) for item in out] == [frames.ControlFrame]
     assert out[0].close_code_reason() == (1000, "")
+
+
+# ------------------------------------------------------------ UTF-8 validation
+
+_utf8_samples = st.one_of(
+    st.text().map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.binary(max_size=40),
+    st.lists(st.sampled_from([b"a", b"\xce\xba", b"\xe1\xbd\xb9", b"\xf0\x9f\x98\x80", b"\xed",
+                              b"\xa0", b"\x80", b"\xf4\x90", b"\xf4\x8f\xbf\xbf", b"\xc0",
+                              b"\xe0\x80", b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xff"]),
+             max_size=12).map(b"".join),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_utf8_samples, st.lists(st.integers(min_value=0, max_value=40), max_size=6))
+@example(b"a\xed\xa0\x80", [2, 3])  # a surrogate, its lead byte alone in a chunk
+@example(b"\xce\xba\xf4\x90\x80\x80", [3])  # past U+10FFFF, split (case 6.4.1)
+@example(b"\xe1\xbd\xb9" * 3, [1, 4, 8])  # valid, split inside code points
+def test_utf8_validator_gives_autobahns_fail_fast_verdicts(data, cuts):
+    """wsgate.utf8 against Autobahn's own validator, chunk by chunk."""
+    from autobahn.websocket.utf8validator import Utf8Validator as AutobahnValidator
+
+    from wsgate.utf8 import Utf8Validator
+
+    points = sorted({min(c, len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+    ours, theirs = Utf8Validator(), AutobahnValidator()
+    ours.reset()
+    theirs.reset()
+    for chunk in chunks:
+        mine, ref = ours.validate(chunk), theirs.validate(chunk)
+        assert mine[:2] == ref[:2], (chunks, chunk, mine, ref)
+        if not ref[0]:
+            break
+    try:
+        data.decode("utf-8")
+        whole_valid = True
+    except UnicodeDecodeError:
+        whole_valid = False
+    assert (ref[0] and ref[1]) == whole_valid

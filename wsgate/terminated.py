@@ -11,6 +11,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
 )
+import types
 from collections import deque
 
 from twisted.internet.interfaces import IPushProducer
@@ -22,6 +23,7 @@ from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.interfaces import ISubscriber
 from wsgate.policies import DROP, apply_sessions
 from wsgate.pubsub import Message
+from wsgate.utf8 import Utf8Validator
 
 _log = Logger()
 
@@ -103,6 +105,9 @@ def protocol_class(factory, fast):
     if cls is None:
         if fast:
             options = {attr: getattr(factory, attr) for attr in FastTerminatedProtocol.CONFIG_ATTRS}
+            for attr, value in options.items():
+                if isinstance(value, types.FunctionType):  # a class attribute would bind
+                    options[attr] = staticmethod(value)   # (perMessageCompressionAccept)
             cls = type("ListenerProtocol", (FastTerminatedProtocol,),
                        dict(options, CONFIG_ATTRS=()))
         else:
@@ -242,7 +247,14 @@ class FastTerminatedProtocol(TerminatedProtocol):
     ``_dataReceived`` and, when nothing is queued for chopped or synced
     sending, a plain ``transport.write``. ``onMessageEnd`` also fires a txaio
     "message" event (a Deferred per message) that nothing here listens to.
+    Text messages are validated with CPython's UTF-8 decoder
+    (:mod:`wsgate.utf8`, same fail-fast verdicts). Broadcast deliveries are
+    coalesced (:mod:`wsgate.coalesce`); ``sendData`` writes them first.
     """
+
+    def _connectionMade(self):
+        TerminatedProtocol._connectionMade(self)
+        self.utf8validator = Utf8Validator()  # CPython's decoder: see wsgate.utf8
 
     def dataReceived(self, data):
         self._dataReceived(data)
