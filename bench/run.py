@@ -175,6 +175,25 @@ def wsgate_variants(args):
     return variants
 
 
+def measure_rr(args, p, results, scenario, name, peer, config, other=(), core=B.CLIENT_CORE):
+    """One request/response measurement of *peer* (echo, proxy, workers); None on failure.
+
+    Adds ``server_us`` (server CPU per round trip; None for a peer without a
+    process of its own) and records the result under *scenario*.
+    """
+    try:
+        r = B.generate(f"gen-{scenario}-{name}", {
+            "mode": "rr", "url": peer.url("/echo"), "connections": config["connections"],
+            "size": config["size"], "warmup": p["warmup"], "duration": p["duration"],
+            "client": args.client,
+        }, server=peer.proc, other=other, timeout=p["warmup"] + p["duration"] + 90, core=core)
+    except B.PeerFailed as exc:
+        results.error(scenario, name, config, str(exc))
+        return None
+    r["server_us"] = per_unit(r, "messages") if peer.proc else None
+    return r
+
+
 def scenario_echo(args, p, results):
     log("== echo: request/response, server CPU per round trip")
     starters = {}
@@ -191,17 +210,9 @@ def scenario_echo(args, p, results):
                 config = {"connections": conns, "size": size}
                 log(f"  {conns} connections x {fmt_size(size)} (run {rep + 1}/{p['repeat']})")
                 for name in rotated(peers, i + rep):
-                    peer = peers[name]
-                    try:
-                        r = B.generate(f"gen-echo-{name}", {
-                            "mode": "rr", "url": peer.url("/echo"), "connections": conns,
-                            "size": size, "warmup": p["warmup"], "duration": p["duration"],
-                            "client": args.client,
-                        }, server=peer.proc, timeout=p["warmup"] + p["duration"] + 90)
-                    except B.PeerFailed as exc:
-                        results.error("echo", name, config, str(exc))
+                    r = measure_rr(args, p, results, "echo", name, peers[name], config)
+                    if r is None:
                         continue
-                    r["server_us"] = per_unit(r, "messages")
                     results.add("echo", config, name, r, rep)
                     log(summary_line(name, r, "messages", "msgs_per_s"))
     finally:
@@ -234,18 +245,10 @@ def scenario_proxy(args, p, results):
                 config = {"connections": conns, "size": size}
                 log(f"  {conns} connections x {fmt_size(size)} (run {rep + 1}/{p['repeat']})")
                 for name in rotated(peers, i + rep):
-                    peer = peers[name]
-                    try:
-                        r = B.generate(f"gen-proxy-{name}", {
-                            "mode": "rr", "url": peer.url("/echo"), "connections": conns,
-                            "size": size, "warmup": p["warmup"], "duration": p["duration"],
-                            "client": args.client,
-                        }, server=peer.proc, other=[upstream.proc],
-                            timeout=p["warmup"] + p["duration"] + 90)
-                    except B.PeerFailed as exc:
-                        results.error("proxy", name, config, str(exc))
+                    r = measure_rr(args, p, results, "proxy", name, peers[name], config,
+                                   other=[upstream.proc])
+                    if r is None:
                         continue
-                    r["server_us"] = per_unit(r, "messages") if peer.proc else None
                     r["upstream_us"] = (r["other_cpu_s"] / r["messages"] * 1e6
                                         if r["messages"] else None)
                     results.add("proxy", config, name, r, rep)
@@ -436,17 +439,10 @@ def scenario_workers(args, p, results):
         try:
             time.sleep(1.0)
             for rep in range(p["repeat"]):
-                try:
-                    r = B.generate(f"gen-{name}", {
-                        "mode": "rr", "url": peers[name].url("/echo"), "connections": 1000,
-                        "size": 64, "warmup": p["warmup"], "duration": p["duration"],
-                        "client": args.client,
-                    }, server=peers[name].proc, timeout=p["warmup"] + p["duration"] + 90,
-                        core=None)
-                except B.PeerFailed as exc:
-                    results.error("workers", name, config, str(exc))
+                r = measure_rr(args, p, results, "workers", name, peers[name], config,
+                               core=None)
+                if r is None:
                     continue
-                r["server_us"] = per_unit(r, "messages")
                 r["server_processes"] = len(peers[name].proc.pids())
                 results.add("workers", config, name, r, rep)
                 log(summary_line(name, r, "messages", "msgs_per_s")

@@ -113,8 +113,9 @@ def test_flusher_flushes_each_marked_object_once_per_iteration():
     assert flushed == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert flushed == [a, b] and clock.getDelayedCalls() == []
-    flusher.mark(a)
-    flusher.stop()
+    flusher.mark(a)  # a new iteration: a new call
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
     assert flushed == [a, b, a] and clock.getDelayedCalls() == []
 
 

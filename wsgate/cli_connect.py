@@ -330,7 +330,7 @@ class Session:
             code, reason = protocol.close_frame
         elif not was_clean:
             detail = describe_failure(lost_reason) if lost_reason is not None else ""
-            self.console.note(f"closed: 1006 connection lost without a close frame"
+            self.console.note("closed: 1006 connection lost without a close frame"
                               + (f" ({detail})" if detail else ""))
             return self.finish(EXIT_CLOSED)
         self.console.note(describe_close(code, reason))

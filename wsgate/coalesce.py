@@ -44,9 +44,3 @@ class IterationFlusher:
         dirty, self._dirty = self._dirty, []
         for flushable in dirty:
             flushable.flush()
-
-    def stop(self):
-        """Flush now and cancel the scheduled call."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self.flush()

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from wsgate import frames, http, observe
+from wsgate import frames, http
 from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
 from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.policies import DROP, apply_sessions

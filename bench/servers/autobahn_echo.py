@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import announce, raise_nofile  # noqa: E402
+from _common import serve  # noqa: E402
 
 from twisted.internet import epollreactor  # noqa: E402
 
@@ -23,7 +23,6 @@ from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import reactor  # noqa: E402
 
 
 class Echo(WebSocketServerProtocol):
@@ -35,14 +34,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ping", type=float, default=0)
     args = parser.parse_args()
-    raise_nofile()
     factory = WebSocketServerFactory()
     factory.protocol = Echo
     if args.ping:
         factory.setProtocolOptions(autoPingInterval=args.ping, autoPingTimeout=10)
-    port = reactor.listenTCP(0, factory, backlog=4096, interface="127.0.0.1")
-    announce(port.getHost().port)
-    reactor.run()
+    serve(factory)
 
 
 if __name__ == "__main__":

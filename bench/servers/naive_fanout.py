@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import announce, raise_nofile  # noqa: E402
+from _common import serve  # noqa: E402
 
 from twisted.internet import epollreactor  # noqa: E402
 
@@ -20,7 +20,6 @@ from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import reactor  # noqa: E402
 
 CLIENTS = set()
 
@@ -39,12 +38,9 @@ class Subscriber(WebSocketServerProtocol):
 
 
 def main():
-    raise_nofile()
     factory = WebSocketServerFactory()
     factory.protocol = Subscriber
-    port = reactor.listenTCP(0, factory, backlog=4096, interface="127.0.0.1")
-    announce(port.getHost().port)
-    reactor.run()
+    serve(factory)
 
 
 if __name__ == "__main__":

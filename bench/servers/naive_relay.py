@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import announce, raise_nofile  # noqa: E402
+from _common import serve  # noqa: E402
 
 from twisted.internet import epollreactor  # noqa: E402
 
@@ -27,7 +27,6 @@ from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketServerProtocol,
     connectWS,
 )
-from twisted.internet import reactor  # noqa: E402
 
 UPSTREAM = sys.argv[1]
 
@@ -74,12 +73,9 @@ class ClientLeg(WebSocketServerProtocol):
 
 
 def main():
-    raise_nofile()
     factory = WebSocketServerFactory()
     factory.protocol = ClientLeg
-    port = reactor.listenTCP(0, factory, backlog=4096, interface="127.0.0.1")
-    announce(port.getHost().port)
-    reactor.run()
+    serve(factory)
 
 
 if __name__ == "__main__":

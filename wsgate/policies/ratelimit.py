@@ -12,7 +12,6 @@ message is dropped (``drop``).
 
 import math
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
