@@ -39,11 +39,41 @@ def wait_for_event(cond, events, predicate, timeout, explain):
             cond.wait(min(remaining, 0.2))
 
 
+# Every gateway a test starts; conftest.py reads their logs after each test.
+STARTED = []
+
+
+def log_problem(line):
+    """Why a log line is a problem (a ``critical`` entry or a traceback), or None."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if isinstance(event, dict):
+        if event.get("level") == "critical":
+            return "critical log entry"
+        if event.get("traceback"):
+            return "traceback in the log"
+        return None
+    if "Traceback (most recent call last)" in line or "[CRITICAL]" in line \
+            or "Unhandled error in Deferred" in line:
+        return "traceback or critical line in the log"
+    return None
+
+
 class GatewayProcess:
-    """A ``twistd -n wsgate`` subprocess with its log lines collected."""
+    """A ``twistd -n wsgate`` subprocess with its log lines collected.
+
+    Its log is part of the test: a ``critical`` entry or a traceback fails the
+    test that was running (conftest.py), or :meth:`stop`, unless a pattern
+    given to :meth:`expect_log` (or the test's ``expect_log`` marker) matches it.
+    """
 
     def __init__(self, config_path, env=None):
         self.config_path = config_path
+        self.expected_log = []  # regular expressions of problem lines a test expects
+        self._checked = 0  # lines already checked for problems
+        STARTED.append(self)
         self.lines = []
         self.events = []
         self.stderr = ""
@@ -53,7 +83,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "wsgate", "--config", str(config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=os.path.dirname(str(config_path)))
+            env=merged_env(env), cwd=os.path.dirname(str(config_path)))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._err_reader = threading.Thread(target=self._read_err, daemon=True)
@@ -112,6 +142,29 @@ class GatewayProcess:
     def signal(self, signum):
         self.proc.send_signal(signum)
 
+    def expect_log(self, pattern):
+        """Declare that log lines matching *pattern* (a regex) are expected problems."""
+        self.expected_log.append(pattern)
+        return self
+
+    def log_problems(self, expected=()):
+        """The unexpected problem lines logged since the last call (see :func:`log_problem`)."""
+        import re
+
+        with self._cond:
+            lines, self._checked = self.lines[self._checked:], len(self.lines)
+        patterns = list(self.expected_log) + list(expected)
+        found = []
+        for line in lines:
+            why = log_problem(line)
+            if why and not any(re.search(p, line) for p in patterns):
+                found.append(f"{why}: {line.strip()[:2000]}")
+        if self.proc.poll() is not None and "Traceback (most recent call last)" in self.stderr \
+                and not any(re.search(p, self.stderr) for p in patterns):
+            found.append("traceback on standard error: " + self.stderr[-2000:])
+            self.stderr = ""
+        return found
+
     def stop(self, timeout=15):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -122,7 +175,20 @@ class GatewayProcess:
                 self.proc.wait()
         self._reader.join(5)
         self._err_reader.join(5)
+        problems = self.log_problems()
+        if problems:
+            raise AssertionError(f"gateway {self.config_path} logged:\n" + "\n".join(problems))
         return self.proc.returncode
+
+
+def merged_env(extra):
+    """The environment plus *extra*; a PYTHONPATH in *extra* goes before the inherited one
+    (a developer's ``PYTHONPATH=.`` keeps testing the working tree)."""
+    env = {**os.environ, **(extra or {})}
+    inherited = os.environ.get("PYTHONPATH")
+    if extra and "PYTHONPATH" in extra and inherited:
+        env["PYTHONPATH"] = extra["PYTHONPATH"] + os.pathsep + inherited
+    return env
 
 
 def with_test_settings(text):

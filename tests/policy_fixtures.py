@@ -41,3 +41,34 @@ def slow_deny(name, settings, context):
 
 def raises(name, settings, context):
     return _Raises(name)
+
+
+@implementer(IPolicy)
+class _Headers:
+    mode = "enforce"
+
+    def __init__(self, name):
+        self.name = name
+
+    def check(self, request):
+        # a mapping, as a plugin author would naturally write it (issue 16, item 14)
+        return Allow(identity="mapped", headers={"X-Team": "blue", "X-Tier": "gold"})
+
+
+@implementer(IPolicy)
+class _Nonsense:
+    mode = "enforce"
+
+    def __init__(self, name):
+        self.name = name
+
+    def check(self, request):
+        return Allow(headers={"X-Bad": "line\r\nInjected: yes"})
+
+
+def dict_headers(name, settings, context):
+    return _Headers(name)
+
+
+def bad_headers(name, settings, context):
+    return _Nonsense(name)

@@ -1,6 +1,7 @@
 """Policies over real sockets: each built-in, order, shadow mode, Deferreds, errors, plugins."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,22 @@ type = policy_fixtures:slow_deny
 
 [policy:broken]
 type = policy_fixtures:raises
+
+[policy:dict-headers]
+type = policy_fixtures:dict_headers
+
+[policy:bad-headers]
+type = policy_fixtures:bad_headers
+
+[route:dict-headers]
+path = /dict/*
+upstream = ws://127.0.0.1:{upstream_port}{{path}}
+policies = dict-headers
+
+[route:bad-headers]
+path = /bad-headers/*
+upstream = ws://127.0.0.1:{upstream_port}{{path}}
+policies = bad-headers
 
 [route:key]
 path = /key
@@ -346,6 +363,33 @@ def test_deferred_returning_policies(gateway):
     assert status_of(gateway, "/slow-deny")[0] == 403
 
 
+def test_allowed_and_denied_upgrades_log_no_critical_entry(gateway):
+    """Issue 16, item 13: every upgrade on a route with policies logged a critical
+    traceback (the chain fired synchronously). The harness fails this test if one appears."""
+    before = len(gateway.lines)
+    assert status_of(gateway, "/key", b"X-API-Key: k-alice\r\n")[0] == 101
+    assert status_of(gateway, "/key")[0] == 401
+    time.sleep(0.3)
+    assert not [line for line in gateway.lines[before:] if '"critical"' in line]
+
+
+def test_policy_headers_as_a_mapping_reach_the_upstream(gateway):
+    """Issue 16, item 14: Allow(headers={...}) used to get the client a 500."""
+    async def scenario():
+        async with connect(gateway.url("/dict/headers")) as ws:
+            return json.loads(await ws.recv())
+    seen = run(scenario())
+    assert seen["headers"]["x-team"] == "blue" and seen["headers"]["x-tier"] == "gold"
+
+
+@pytest.mark.expect_log("policy bad-headers raised")
+def test_policy_headers_that_would_break_the_request_are_500_logged_with_the_policy(gateway):
+    status, _, body = status_of(gateway, "/bad-headers/echo")
+    assert status == 500 and b"Injected" not in body
+    gateway.wait_event(lambda e: "policy bad-headers raised" in e.get("message", ""))
+
+
+@pytest.mark.expect_log("secret internals")
 def test_raising_policy_is_500_generic_logged_once_and_harmless(gateway):
     status, _, body = status_of(gateway, "/broken")
     assert status == 500

@@ -82,6 +82,8 @@ class ListenerSettings:
     max_frame_size: int = 1024 * 1024
     compression: bool = False
     trusted_proxies: tuple = ()  # ipaddress networks whose X-Forwarded-For is believed
+    max_fragments: int = 1024  # frames per message; beyond it 1009
+    backlog: int = 1024  # the listen() queue of not yet accepted connections
 
     @property
     def is_tls(self):
@@ -92,6 +94,7 @@ class ListenerSettings:
 class EchoTarget:
     """Terminate the WebSocket and send every message back."""
 
+    max_send_buffer: int = 1024 * 1024  # unsent bytes beyond which the client is not read
     kind = "echo"
 
     def describe(self):
@@ -518,7 +521,12 @@ def _listener(section, name, base):
             "compression", units.choice("off", "permessage-deflate"), "off") != "off",
         trusted_proxies=section.take(
             "trusted_proxies", lambda text: parse_networks(units.parse_list(text)), ()),
+        max_fragments=section.take("max_fragments", units.bounded_int(1, 1 << 24), 1024),
+        backlog=section.take("backlog", units.bounded_int(1, 65535), 1024),
     )
+    if "backlog=" in endpoint:
+        raise section.error("backlog", "set the backlog with this key, not in the endpoint "
+                            "string too")
     if max_message < 1:
         raise section.error("max_message_size", "expected a size of at least 1 byte")
     if settings.max_frame_size < 1:
@@ -623,7 +631,8 @@ def _route(section, name, listener_names, policies, base):
     if kind == "echo":
         if not section.take("echo", units.parse_bool):
             raise section.error("echo", "expected yes (set another target to turn echo off)")
-        target = EchoTarget()
+        target = EchoTarget(
+            max_send_buffer=section.take("max_send_buffer", units.parse_size, 1024 * 1024))
     elif kind == "broadcast":
         channel = section.take("broadcast", _non_empty)
         for placeholder in _PLACEHOLDER.findall(channel):

@@ -154,8 +154,15 @@ class Gateway:
         observe.emit("websocket.connection.accepted", "accepted {client} on route {route}",
                      **connection.fields())
 
-    def unregister(self, connection, close_code, close_reason, closed_by):
-        """A WebSocket ended: fold its counters into the totals, emit its usage."""
+    def unregister(self, connection, close_code, close_reason, closed_by,
+                   close_code_reply=None):
+        """A WebSocket ended: fold its counters into the totals, emit its usage.
+
+        *close_code* and *close_reason* are those of the first close frame on
+        the client's connection, whoever sent it (None: no close frame at all,
+        never 1006); *close_code_reply* is the code of the answer to it (None:
+        no answer); *closed_by* is ``client``, ``upstream`` or ``gateway``.
+        """
         if self.connections.pop(connection.conn_id, None) is None:
             return
         self.stats.closed(connection)
@@ -167,8 +174,8 @@ class Gateway:
             duration_s=round(self.clock.seconds() - connection.since, 3),
             messages_in=connection.messages_in, messages_out=connection.messages_out,
             bytes_in=connection.bytes_in, bytes_out=connection.bytes_out,
-            close_code=close_code, close_reason=close_reason, closed_by=closed_by,
-            **connection.fields())
+            close_code=close_code, close_reason=close_reason,
+            close_code_reply=close_code_reply, closed_by=closed_by, **connection.fields())
 
     def websocket_factory(self, listener):
         """The Autobahn factory holding *listener*'s protocol options (one per listener)."""
@@ -199,6 +206,7 @@ class HandshakeProtocol(Protocol):
         self._peer_ip = None
         self._pending = None
         self._outcome = None
+        self._lines = 0  # line feeds in the head so far (request line + headers + blank)
 
     def connectionMade(self):
         self._started = self.gateway.clock.seconds()
@@ -211,15 +219,24 @@ class HandshakeProtocol(Protocol):
     def dataReceived(self, data):
         if self._done:
             return
+        scanned = len(self._buffer)
         self._buffer += data
         if self._deciding:
             if len(self._buffer) > _MAX_BUFFER:
                 self._abort()
             return
-        end = http.find_head_end(self._buffer)
-        if end < 0:
-            if len(self._buffer) > http.MAX_HEAD_BYTES:
+        # Only the new bytes are searched and counted, so a head sent byte by
+        # byte costs no more than one sent at once.
+        end = self._buffer.find(b"\r\n\r\n", max(0, scanned - 3))
+        end = -1 if end < 0 else end + 4
+        self._lines += data.count(b"\n", 0, len(data) if end < 0 else end - scanned)
+        if end < 0 or end > http.MAX_HEAD_BYTES or self._lines > http.MAX_HEADERS + 2:
+            # The bounds hold however the head is split: an oversize head in
+            # one write is refused like one that trickles in.
+            if len(self._buffer) > http.MAX_HEAD_BYTES and (end < 0 or end > http.MAX_HEAD_BYTES):
                 self._refuse(http.HttpRefusal(431, "bad_handshake", "Request head too large"))
+            elif self._lines > http.MAX_HEADERS + 2:
+                self._refuse(http.HttpRefusal(431, "bad_handshake", "Too many header fields"))
             return
         # Read the peer only now: behind a PROXY-protocol wrapper it is known
         # once the PROXY header has been parsed, before the HTTP head.
@@ -303,10 +320,12 @@ class HandshakeProtocol(Protocol):
             client=self.origin.ip, host=strip_port(head.host), path=head.path,
             query=parse_qs(head.query, keep_blank_values=True), params=dict(match.params),
             headers=head)
-        self._pending = self.gateway.chain(match.route).run(request)
-        self._pending.addCallbacks(self._policies_passed, self._step_failed,
-                                   callbackArgs=(match, head, connection))
-        self._pending.addErrback(self._internal_error)
+        # The chain may fire at once (every built-in policy is synchronous), and
+        # its callbacks reset self._pending: chain on the local Deferred.
+        pending = self._pending = self.gateway.chain(match.route).run(request)
+        pending.addCallbacks(self._policies_passed, self._step_failed,
+                             callbackArgs=(match, head, connection))
+        pending.addErrback(self._internal_error)
 
     def _policies_passed(self, outcome, match, head, connection):
         self._pending = None
@@ -347,11 +366,11 @@ class HandshakeProtocol(Protocol):
 
     def _open_upstream(self, match, head, connection, extra_headers):
         """Proxy route: the upstream answers first; the client gets its 101 after."""
-        self._pending = proxy.open_upstream(
+        pending = self._pending = proxy.open_upstream(
             self.gateway, self.listener, match, head, connection, self.origin, extra_headers)
-        self._pending.addCallbacks(self._upstream_ready, self._step_failed,
-                                   callbackArgs=(match, connection))
-        self._pending.addErrback(self._internal_error)
+        pending.addCallbacks(self._upstream_ready, self._step_failed,
+                             callbackArgs=(match, connection))
+        pending.addErrback(self._internal_error)
 
     def _step_failed(self, failure):
         self._pending = None

@@ -30,7 +30,7 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 
-_TOKEN_CHARS = frozenset(
+TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -111,7 +111,7 @@ def parse_head(raw):
     if len(request_line) != 3:
         raise HttpRefusal(400, "bad_handshake", "Malformed request line")
     method, target, version = request_line
-    if not method or not set(method) <= _TOKEN_CHARS:
+    if not method or not set(method) <= TOKEN_CHARS:
         raise HttpRefusal(400, "bad_handshake", "Malformed request line")
     if version != "HTTP/1.1":
         raise HttpRefusal(400, "bad_handshake", "HTTP/1.1 required")
@@ -122,7 +122,7 @@ def parse_head(raw):
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+        if not sep or not name or not set(name) <= TOKEN_CHARS:
             raise HttpRefusal(400, "bad_handshake", "Malformed header field")
         if any(ch in value for ch in "\r\n\0"):
             raise HttpRefusal(400, "bad_handshake", "Malformed header field")

@@ -17,6 +17,11 @@ _SIZE_UNITS = {
     "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
 }
 
+# Upper bounds: a value past them is a typo or an attack on the parser (``1e400``
+# would be ``inf``), never a setting anyone means; timers and buffers stay sane.
+MAX_DURATION = 30 * 24 * 3600.0  # 720h
+MAX_SIZE = 1024 ** 4  # 1 TiB
+
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 
@@ -26,7 +31,10 @@ def parse_duration(text):
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"expected a duration such as 500ms, 10s, 2m or 1h, got {text!r}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not value <= MAX_DURATION:  # also refuses inf and nan
+        raise ValueError(f"expected a duration of at most 720h, got {text!r}")
+    return value
 
 
 def parse_size(text):
@@ -34,7 +42,10 @@ def parse_size(text):
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f"expected a size such as 65536, 64KiB or 1MiB, got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if value > MAX_SIZE:
+        raise ValueError(f"expected a size of at most 1024GiB, got {text!r}")
+    return value
 
 
 def parse_bool(text):
@@ -71,6 +82,19 @@ def parse_positive_int(text):
     if value < 1:
         raise ValueError(f"expected a number of at least 1, got {value}")
     return value
+
+
+def bounded_int(low, high):
+    """A parser for a whole number from *low* to *high*."""
+    def parse(text):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+    return parse
 
 
 def format_duration(seconds):

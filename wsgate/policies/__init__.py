@@ -75,11 +75,39 @@ class UpgradeRequest:
 
 @dataclass(frozen=True)
 class Allow:
-    """Let the request through; optionally name the client and forward headers upstream."""
+    """Let the request through; optionally name the client and forward headers upstream.
+
+    *headers* are added to the upstream request of proxy routes: a mapping
+    ``{name: value}`` or an iterable of ``(name, value)`` pairs, both strings
+    without CR, LF or NUL. They are normalised to a tuple of pairs here, so a
+    malformed value fails in the policy that returned it, not later.
+    """
 
     identity: str = None
     headers: tuple = ()  # ((name, value), ...) added to the upstream request
     session: object = None  # an IPolicySession, or None
+
+    def __post_init__(self):
+        object.__setattr__(self, "headers", header_pairs(self.headers))
+
+
+def header_pairs(headers):
+    """*headers* (a mapping or ``(name, value)`` pairs) as a tuple of string pairs.
+
+    Raises ``ValueError`` for anything else, or a name or value that would
+    break the request head.
+    """
+    items = headers.items() if hasattr(headers, "items") else headers
+    pairs = []
+    for item in items:
+        if isinstance(item, (str, bytes)) or len(item) != 2:
+            raise ValueError(f"expected (name, value) pairs or a mapping, got {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str) or not name \
+                or not set(name) <= http.TOKEN_CHARS or any(ch in value for ch in "\r\n\0"):
+            raise ValueError(f"invalid header {name!r}: {value!r}")
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -88,7 +116,10 @@ class Deny:
 
     status: int
     message: str = None  # the response body; a generic text by default
-    headers: tuple = ()
+    headers: tuple = ()  # a mapping or (name, value) pairs, as Allow's
+
+    def __post_init__(self):
+        object.__setattr__(self, "headers", header_pairs(self.headers))
 
 
 @dataclass(frozen=True)
@@ -167,6 +198,9 @@ class PolicyChain:
                     decision = policy.check(request)
                     if isinstance(decision, defer.Deferred):
                         decision = await decision
+                    if decision is not None and not isinstance(decision, (Allow, Deny)):
+                        raise TypeError(f"check() returned {decision!r}, not None, "
+                                        "Allow or Deny")
                 except Exception:
                     _log.failure("wsgate: policy {policy} raised on route {route}",
                                  policy=policy.name, route=self.route_name)
@@ -179,7 +213,7 @@ class PolicyChain:
                     raise http.HttpRefusal(decision.status, policy.name, decision.message,
                                            decision.headers, route=self.route_name,
                                            policy=policy.name)
-                if isinstance(decision, Allow):
+                elif decision is not None:
                     if decision.identity is not None:
                         outcome.identity = request.identity = decision.identity
                     outcome.headers.extend(decision.headers)

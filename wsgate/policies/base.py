@@ -38,7 +38,7 @@ def parse_rate(text):
         number = float(count)
     except ValueError:
         number = -1
-    if not sep or seconds is None or number <= 0:
+    if not sep or seconds is None or not 0 < number <= 1e9:  # refuses inf, nan, 1e20
         raise ValueError(f"expected a rate such as 10/s, 100/m or 1000/h, got {text!r}")
     return number, number / seconds
 
