@@ -2,7 +2,8 @@
 #
 #   make run          create .venv, install wsgate into it, run etc/wsgate.ini
 #   make test         the whole test suite (installs the test peers first)
-#   make conformance  the full Autobahn testsuite (all cases, ~35 min) + README summary
+#   make conformance  the full Autobahn testsuite (all cases; echo, proxy, TLS proxy: ~50 min)
+#                     + README summary
 #   make bench        the benchmark suite (~25 min; bench/run.py --quick: ~3 min)
 #   make deb          build dist/deb/wsgate_VERSION_amd64.deb and lintian it (root)
 #   make deb-test     .deb build, lintian, install, run as the unit would, reload, stop, purge (root)
@@ -37,8 +38,10 @@ test: $(STAMP) peers
 	WSGATE_TEST_FAST_PATHS=no $(BIN)/pytest -q -p no:cacheprovider \
 	    tests/test_wire.py tests/test_proxy.py tests/test_conformance.py
 
+# Targets echo, proxy and proxy-tls; both verdicts (behavior, behaviorClose) counted.
 conformance: $(STAMP) peers
-	$(BIN)/python scripts/conformance.py --cases all --update-readme
+	$(BIN)/python scripts/conformance.py --cases all --targets echo,proxy,proxy-tls \
+	    --update-readme
 
 # Installs its own peers (nginx, bench/node_modules, matplotlib) through bench/setup.sh;
 # prints the table, writes bench/results/ (latest.json, README-table.rst, ratios.png).

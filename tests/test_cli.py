@@ -4,6 +4,8 @@ The CLI runs as ``python -m wsgate.cli`` in a subprocess (the installed
 package, as the console script would), from a scratch directory.
 """
 
+import base64
+import hashlib
 import http.server
 import json
 import os
@@ -531,6 +533,71 @@ def test_connect_ctrl_c_closes_with_1000(gateway, scratch):
         client.expect(client.err, lambda line: line == "closed: 1000")
     finally:
         client.stop()
+
+
+class CloseFirstServer:
+    """A raw WebSocket server: completes one handshake, sends *close_payload* as a
+    close frame at once, and keeps the client's answer (opcode, unmasked payload)."""
+
+    def __init__(self, close_payload):
+        self.close_payload = close_payload
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}/"
+        self.reply = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", head).group(1)
+            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                         + bytes([0x88, len(self.close_payload)]) + self.close_payload)
+            b0, b1 = _recv_exactly(conn, 2)
+            mask = _recv_exactly(conn, 4) if b1 & 0x80 else bytes(4)
+            payload = _recv_exactly(conn, b1 & 0x7F)  # a control frame: at most 125 bytes
+            self.reply.put((b0 & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
+
+    def close(self):
+        self.sock.close()
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _recv_exactly(conn, size):
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("code, reason, shown", [
+    (4003, "kicked", "closed: 4003 kicked"),
+    (1001, "", "closed: 1001"),
+    (1009, "message too big", "closed: 1009 message too big"),
+    (1014, "upstream lost", "closed: 1014 upstream lost"),
+    (None, "", "closed: no status code (1005)"),
+])
+def test_connect_answers_a_server_close_with_the_same_code(scratch, code, reason, shown):
+    # RFC 6455 §5.5.1: the answer to a close frame echoes its status code.
+    payload = b"" if code is None else code.to_bytes(2, "big") + reason.encode()
+    server = CloseFirstServer(payload)
+    try:
+        result = wsgate_cli("connect", server.url, cwd=scratch)
+        assert server.reply.get(timeout=10) == (0x8, payload)
+    finally:
+        server.close()
+    assert result.stderr.splitlines()[-1] == shown
+    assert result.returncode == 3
 
 
 # ------------------------------------------------------------------ admin API, end to end

@@ -9,6 +9,7 @@ import txredisapi
 from twisted.internet.task import Clock
 
 from wsgate.coalesce import IterationFlusher
+from wsgate.flow import SendBuffer
 from wsgate.gateway import Connection
 from wsgate.idle import IdleTimer
 from wsgate.pubsub import LocalFanout, Message
@@ -72,6 +73,7 @@ def subscriber(gateway, fanout, n):
     protocol.state = protocol.STATE_OPEN
     protocol._perMessageCompress = None
     protocol.transport = RecordingTransport()
+    protocol.send_buffer = SendBuffer(protocol.transport, Target.max_send_buffer)
     protocol.trackedTimings = None
     protocol.factory = ServerFactory()
     protocol.maskServerFrames = False
@@ -194,7 +196,7 @@ def test_redis_subscriber_hands_over_every_message_of_one_read_at_once():
     got = []
     factory = _ProtocolFactory(txredisapi.SubscriberProtocol,
                                {"timeout": 5, "password": None, "db": None, "username": None},
-                               on_message=lambda pattern, channel, data: got.append(data))
+                               failed=lambda error: None, on_message=lambda pattern, channel, data: got.append(data))
     protocol = factory.buildProtocol(None)
     protocol.transport = RecordingTransport()
     read = b"".join(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$%d\r\n%s\r\n" % (len(p), p)

@@ -134,3 +134,38 @@ def test_sizes(text, value):
 def test_bad_sizes(bad):
     with pytest.raises(ValueError):
         units.parse_size(bad)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("ping_interval", "1e20"), ("ping_interval", "inf"), ("handshake_timeout", "nan"),
+    ("idle_timeout", "99999999999999999999h"), ("ping_timeout", "721h"),
+    ("max_message_size", "99999999999GiB"), ("max_fragments", "0"), ("backlog", "70000"),
+])
+def test_values_beyond_their_bounds_are_refused_with_file_section_and_key(tmp_path, key, value):
+    """Issue 16, item 8: durations such as 1e20 or inf were accepted."""
+    message = error_for(tmp_path, LISTENER + f"{key} = {value}\n")
+    assert f"gw.ini: [listen:main] {key}: expected" in message
+
+
+def test_rates_beyond_their_bounds_are_refused(tmp_path):
+    for rate in ("1e20/s", "inf/s", "nan/s"):
+        message = error_for(tmp_path, LISTENER + textwrap.dedent(f"""\
+            [policy:fast]
+            type = ratelimit
+            rate = {rate}
+            """))
+        assert "[policy:fast] rate: expected a rate" in message
+
+
+def test_backlog_in_the_endpoint_string_is_refused(tmp_path):
+    message = error_for(tmp_path, "[listen:main]\nendpoint = tcp:0:backlog=5\n")
+    assert "[listen:main] backlog: set the backlog with this key" in message
+
+
+def test_hostile_input_limits_have_their_defaults_and_can_be_set(tmp_path):
+    listener = load(write(tmp_path, LISTENER)).listeners[0]
+    assert (listener.max_fragments, listener.backlog) == (1024, 1024)
+    config = load(write(tmp_path, LISTENER + "max_fragments = 65536\nbacklog = 50\n"
+                        "[route:e]\npath = /e\necho = yes\nmax_send_buffer = 64KiB\n"))
+    assert (config.listeners[0].max_fragments, config.listeners[0].backlog) == (65536, 50)
+    assert config.routes[0].target.max_send_buffer == 65536

@@ -3,20 +3,56 @@
 ``/healthz`` and ``/metrics`` need no token; ``/publish/*`` and
 ``/connections*`` need ``Authorization: Bearer TOKEN`` when ``[admin] token``
 is set (a token is required unless the endpoint is loopback-only).
+
+Every request, head and body, must arrive within :data:`REQUEST_TIMEOUT`
+seconds of the connection (or of the previous answer on a keep-alive
+connection), however slowly its bytes trickle in; the head is bounded like the
+listeners' (16 KiB, 100 header lines). See :class:`AdminChannel`.
 """
 
 import hmac
 import json
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from twisted.logger import Logger
+from twisted.web import http as web_http
 from twisted.web import resource, server
 
+from wsgate import frames, http, metrics
 from wsgate.gateway import DRAIN_SPREAD_MAX
-from wsgate.metrics import GatewayCollector
 from wsgate.pubsub import Message
 
 _log = Logger()
+
+REQUEST_TIMEOUT = 10.0  # seconds for a whole request (head and body) to arrive
+
+
+class AdminChannel(web_http.HTTPChannel):
+    """An HTTP channel whose idle timeout is a deadline for each request.
+
+    twisted.web restarts its timeout on every byte received, so a client
+    sending one byte a second holds a connection for ever. Here the timer
+    runs from the connection (or the end of the previous answer) until the
+    request has fully arrived (HTTPChannel stops it then and restarts it when
+    the answer is done); bytes do not reset it. When it fires the connection
+    is dropped at once. The head is bounded like the listeners' heads.
+    """
+
+    maxHeaders = http.MAX_HEADERS
+    totalHeadersSize = http.MAX_HEAD_BYTES
+
+    def resetTimeout(self):
+        pass  # arriving bytes do not extend the deadline
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+
+def bound_requests(site):
+    """Give *site* (an admin ``twisted.web`` site) the :class:`AdminChannel` deadline."""
+    site.protocol = AdminChannel
+    site.timeOut = REQUEST_TIMEOUT
+    return site
 
 
 class _LimitedRequest(server.Request):
@@ -100,14 +136,15 @@ class Publish(_Base):
 
     def render_POST(self, request):
         if not self.authorized(request):
-            return self.deny(request)
+            return self._refused("unauthorized", self.deny(request))
         if request.too_large:
-            return _json(request, 413, {"error": "body too large",
-                                        "limit": self.admin.max_body})
+            return self._refused("too_large", _json(
+                request, 413, {"error": "body too large", "limit": self.admin.max_body}))
         # postpath segments are already percent-decoded by twisted.web
         channel = "/".join(p.decode("utf-8", "replace") for p in request.postpath)
         if not channel:
-            return _json(request, 404, {"error": "no channel in the path"})
+            return self._refused("no_channel", _json(
+                request, 404, {"error": "no channel in the path"}))
         body = request.content.read()
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         is_text = ctype.startswith(b"text/") or ctype == b"application/json" or \
@@ -116,19 +153,27 @@ class Publish(_Base):
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError:
-                return _json(request, 400, {"error": "a text body must be UTF-8"})
+                return self._refused("not_utf8", _json(
+                    request, 400, {"error": "a text body must be UTF-8"}))
         message = Message(body, not is_text, self.admin.node_id, "admin")
         d = self.admin.broker.publish(channel, message)
 
         def done(receivers):
+            self.admin.stats.published()
             request.write(_json(request, 202, {"channel": channel, "receivers": receivers}))
             request.finish()
 
         def failed(failure):
+            self._refused("broker_down", None)
             request.write(_json(request, 503, {"error": "broker unavailable"}))
             request.finish()
         d.addCallbacks(done, failed)
         return server.NOT_DONE_YET
+
+    def _refused(self, reason, answer):
+        """Count a refused publish (``wsgate_publish_refused_total{reason}``); return *answer*."""
+        self.admin.stats.publish_refused(reason)
+        return answer
 
 
 class Connections(_Base):
@@ -154,11 +199,12 @@ class Connections(_Base):
             code = -1
         if code not in (1000, 1001, 1008) and not 3000 <= code <= 4999:
             return _json(request, 400, {"error": "code must be 1000, 1001, 1008 or 3000-4999"})
-        reason = args.get(b"reason", [b"kicked by admin"])[0].decode("utf-8", "replace")[:120]
+        # cut to 123 bytes on a character boundary where the close frame is written
+        reason = args.get(b"reason", [b"kicked by admin"])[0].decode("utf-8", "replace")
         if not self.admin.kick(conn_id, code, reason):
             return _json(request, 404, {"error": "no such connection", "id": conn_id})
         return _json(request, 200, {"id": conn_id, "closed": True, "code": code,
-                                    "reason": reason})
+                                    "reason": frames.reason_bytes(reason).decode("utf-8")})
 
 
 class Drain(_Base):
@@ -203,8 +249,7 @@ class AdminSite(server.Site):
         self.gateway = gateway
         self.settings = settings
         self.internal = internal  # a worker's control socket: the parent checked the token
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway))
+        self.registry = metrics.registry(gateway)
         root = resource.Resource()
         root.putChild(b"healthz", Health(self))
         root.putChild(b"metrics", Metrics(self))
@@ -212,10 +257,15 @@ class AdminSite(server.Site):
         root.putChild(b"connections", Connections(self))
         root.putChild(b"drain", Drain(self))
         super().__init__(root)
+        bound_requests(self)
         self.displayTracebacks = False
 
     def log(self, request):
         pass  # the gateway's own events are its access log
+
+    @property
+    def stats(self):
+        return self.gateway.stats
 
     @property
     def max_body(self):

@@ -66,7 +66,8 @@ def build_parser():
                     "text message; messages received are printed on standard output (binary\n"
                     "as hex, or as a byte count over 64 bytes); the connection, the ping time\n"
                     "and the close code and reason are printed on standard error. At the end\n"
-                    "of input, wait --wait seconds for replies, then close with 1000.",
+                    "of input, wait --wait seconds for replies, then close with 1000. A close\n"
+                    "from the server is answered with the server's status code.",
         epilog="exit status: 0 after a 1000 close, 1 when the server refused the "
                "handshake\n(its HTTP status and body are printed), 2 on a connection "
                "error, 3 on any other close.\n\nexamples:\n"

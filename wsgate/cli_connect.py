@@ -463,10 +463,12 @@ def _line_text(line):
 class ClientProtocol(WebSocketClientProtocol):
     """Autobahn's client, reporting to a :class:`Session`.
 
-    Two additions to the stock behaviour: an HTTP answer other than 101 is
-    kept (status, headers and body) instead of only failing the handshake,
+    Additions to the stock behaviour: an HTTP answer other than 101 is kept
+    (status, headers and body) instead of only failing the handshake; the
+    answer to the server's close frame carries the server's status code
+    (RFC 6455 §5.5.1; Autobahn answers 1000 unless ``echoCloseCodeReason``);
     and close code 1014, which Autobahn's list of valid codes lacks, is
-    accepted as the peer's code.
+    accepted as the peer's code and echoed like the others.
     """
 
     refusal = None
@@ -502,6 +504,9 @@ class ClientProtocol(WebSocketClientProtocol):
         # connection is not closed neatly afterwards.
         self.close_frame = (code, (reasonRaw or b"").decode("utf-8", "replace"))
         if code == 1014:  # "bad gateway": valid on the wire, missing from Autobahn's list
+            if self.state == self.STATE_OPEN and _is_utf8(reasonRaw):
+                # Our echo first: Autobahn then takes the frame as the answer to it.
+                self.sendCloseFrame(code=code, reasonUtf8=reasonRaw, isReply=True)
             result = super().onCloseFrame(1000, reasonRaw)
             self.remoteCloseCode = code
             return result
@@ -566,6 +571,14 @@ class ClientProtocol(WebSocketClientProtocol):
             self.dropConnection(abort=True)
 
 
+def _is_utf8(data):
+    try:
+        (data or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _dechunk(data):
     """The body of a complete chunked message, or None while more is needed."""
     body, pos = b"", 0
@@ -619,6 +632,7 @@ def build_factory(session, reactor):
         serverConnectionDropTimeout=1,
         autoPingInterval=0,
         failByDrop=False,
+        echoCloseCodeReason=True,  # RFC 6455 §5.5.1: answer a close with its status code
         maxMessagePayloadSize=0,
         maxFramePayloadSize=0,
     )

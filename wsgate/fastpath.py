@@ -90,6 +90,32 @@ def socket_transport(transport):
     return transport if isinstance(transport, FileDescriptor) else None
 
 
+def set_no_delay(transport):
+    """TCP_NODELAY on the socket under *transport*: the gateway writes small frames
+    (pings, pongs, closes, short messages) that must not wait for Nagle's algorithm
+    and the peer's delayed ACK (45 s instead of 1.5 s for a fragmented case)."""
+    sock = socket_transport(transport)
+    if sock is not None and hasattr(sock, "setTcpNoDelay"):
+        try:
+            sock.setTcpNoDelay(True)
+        except OSError:
+            pass  # already closed, or not TCP
+
+
+def release(transport):
+    """After *transport*'s connection was lost: drop what it still buffered and the
+    immediate write (a closure holding the transport: a reference cycle). Objects
+    in cycles keep their buffers until the cyclic collector runs; a client that
+    never read could leave hundreds of MB behind."""
+    sock = socket_transport(transport)
+    if sock is None:
+        return
+    sock.__dict__.pop("write", None)
+    if sock.__dict__.get("disconnected"):
+        sock.dataBuffer, sock.offset = b"", 0
+        sock._tempDataBuffer, sock._tempDataLen = [], 0
+
+
 def mark(transport):
     """Let the reactor shortcut dispatch *transport*'s socket events directly."""
     sock = socket_transport(transport)

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 
 from wsgate import fastpath, forwarding, http, observe, proxy
@@ -30,6 +31,7 @@ _log = Logger()
 _MAX_BUFFER = 64 * 1024  # bytes held while a decision is pending (head + early frames)
 RETRY_AFTER_SECONDS = 5
 DRAIN_SPREAD_MAX = 5.0  # drain closes are spread over up to this many seconds (jitter)
+EVENT_FIELD_MAX = 512  # characters of a request's host, path or user agent in an event
 
 
 class Connection:
@@ -139,13 +141,19 @@ class Gateway:
             self.clock.callLater(random.uniform(0, spread), going_away, connection)
         return len(closing)
 
-    def rejected(self, refusal, client, identity=None, conn_id=None):
-        """An upgrade was refused: count it and emit ``websocket.connection.rejected``."""
+    def rejected(self, refusal, client, identity=None, conn_id=None, head=None):
+        """An upgrade was refused: count it and emit ``websocket.connection.rejected``.
+
+        *head* is the parsed request (None when it could not be parsed): the
+        event names its host, path and user agent, each cut to
+        :data:`EVENT_FIELD_MAX` characters.
+        """
         self.stats.rejected_handshake(refusal.route, refusal.status, refusal.reason)
         observe.emit(
             "websocket.connection.rejected", "rejected {client}: {status} ({reason})",
             conn_id=conn_id, route=refusal.route, client=client, identity=identity,
-            status=refusal.status, reason=refusal.reason, policy=refusal.policy)
+            status=refusal.status, reason=refusal.reason, policy=refusal.policy,
+            **_request_fields(head))
 
     def register(self, connection):
         """A WebSocket is open: count it and emit ``websocket.connection.accepted``."""
@@ -165,7 +173,7 @@ class Gateway:
         """
         if self.connections.pop(connection.conn_id, None) is None:
             return
-        self.stats.closed(connection)
+        self.stats.closed(connection, close_code, closed_by)
         if connection.outcome is not None:
             connection.outcome.release()
         observe.emit(
@@ -184,6 +192,15 @@ class Gateway:
             factory = make_websocket_factory(listener, self.clock)
             self._ws_factories[listener.name] = factory
         return factory
+
+
+def _request_fields(head):
+    """The ``host``, ``path`` and ``user_agent`` of *head* for an event (None: unknown)."""
+    if head is None:
+        return {"host": None, "path": None, "user_agent": None}
+    agent = head.get("user-agent")
+    return {"host": head.host[:EVENT_FIELD_MAX], "path": head.path[:EVENT_FIELD_MAX],
+            "user_agent": agent[:EVENT_FIELD_MAX] if agent is not None else None}
 
 
 def going_away(connection):
@@ -206,6 +223,7 @@ class HandshakeProtocol(Protocol):
         self._peer_ip = None
         self._pending = None
         self._outcome = None
+        self._head = None  # the parsed request head, once there is one
         self._lines = 0  # line feeds in the head so far (request line + headers + blank)
 
     def connectionMade(self):
@@ -244,7 +262,7 @@ class HandshakeProtocol(Protocol):
         self.client = observe.format_address(peer)
         self._peer_ip = getattr(peer, "host", None) or "unix"
         try:
-            head = http.parse_head(self._buffer[:end])
+            head = self._head = http.parse_head(self._buffer[:end])
         except http.HttpRefusal as refusal:
             self._refuse(refusal)
             return
@@ -303,7 +321,7 @@ class HandshakeProtocol(Protocol):
         self._release()
         if self.client is None:
             self.client = observe.format_address(self.transport.getPeer())
-        self.gateway.rejected(refusal, self.client, identity)
+        self.gateway.rejected(refusal, self.client, identity, head=self._head)
         self.transport.write(http.render_refusal(refusal))
         self.transport.loseConnection()
 
@@ -366,11 +384,21 @@ class HandshakeProtocol(Protocol):
 
     def _open_upstream(self, match, head, connection, extra_headers):
         """Proxy route: the upstream answers first; the client gets its 101 after."""
+        started = self.gateway.clock.seconds()
         pending = self._pending = proxy.open_upstream(
             self.gateway, self.listener, match, head, connection, self.origin, extra_headers)
+        pending.addBoth(self._record_upstream_time, match.route.name, started)
         pending.addCallbacks(self._upstream_ready, self._step_failed,
                              callbackArgs=(match, connection))
         pending.addErrback(self._internal_error)
+
+    def _record_upstream_time(self, result, route, started):
+        """Observe how long the upstream took to accept or fail the handshake
+        (``wsgate_upstream_connect_seconds``); not when the client left first."""
+        if not self._done:
+            self.gateway.stats.upstream_connected(
+                route, not isinstance(result, Failure), self.gateway.clock.seconds() - started)
+        return result
 
     def _step_failed(self, failure):
         self._pending = None

@@ -3,21 +3,51 @@
 The message path only bumps integers on the connection it already holds
 (``Connection.messages_in`` and friends); per-route totals are the closed
 connections' sums plus the live connections' counters, added up when
-``/metrics`` is scraped. Rare events (handshakes, rejections, errors) go
-straight into dicts here. prometheus_client only sees a custom collector.
+``/metrics`` is scraped. Rare events (handshakes, rejections, closes, errors)
+go straight into dicts here. prometheus_client only sees custom collectors
+(and its own process collector: RSS, open fds, CPU, read from /proc on scrape).
 """
 
 import bisect
+import functools
+import platform
 from collections import defaultdict
 
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
 
+# Upper bounds (seconds) of the latency histograms: handshakes and upstream connects.
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0)
+
+
+class Histogram:
+    """Bucket counts and a sum per label tuple; observing is one bisect and two adds."""
+
+    def __init__(self, bounds=HANDSHAKE_BUCKETS):
+        self.bounds = tuple(bounds)
+        self.counts = defaultdict(lambda: [0] * (len(self.bounds) + 1))
+        self.sums = defaultdict(float)
+
+    def observe(self, labels, seconds):
+        """Count one observation of *seconds* for the label tuple *labels*."""
+        self.counts[labels][bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sums[labels] += seconds
+
+    def family(self, name, documentation, label_names):
+        """The cumulative ``HistogramMetricFamily`` of everything observed so far."""
+        family = HistogramMetricFamily(name, documentation, labels=label_names)
+        for labels, counts in sorted(self.counts.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(self.bounds + (float("inf"),), counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric(list(labels), buckets, self.sums[labels])
+        return family
 
 
 class Stats:
@@ -28,8 +58,11 @@ class Stats:
         self.rejected = defaultdict(int)  # (route, status, reason)
         self.closed_messages = defaultdict(int)  # (route, direction)
         self.closed_bytes = defaultdict(int)  # (route, direction)
-        self.handshake_buckets = defaultdict(lambda: [0] * (len(HANDSHAKE_BUCKETS) + 1))
-        self.handshake_sum = defaultdict(float)
+        self.closes = defaultdict(int)  # (route, close code or "none", closed_by)
+        self.handshake_seconds = Histogram()  # (route,)
+        self.upstream_connect_seconds = Histogram()  # (route, "ok" | "error")
+        self.publishes = 0  # admin publishes the broker took
+        self.publish_refusals = defaultdict(int)  # reason
         self.upstream_errors = defaultdict(int)  # (route, kind)
         self.dropped = defaultdict(int)  # (route, reason)
         self.shadow_denials = defaultdict(int)  # (route, policy)
@@ -40,8 +73,7 @@ class Stats:
 
     def accepted(self, route, seconds):
         self.connections_total[route] += 1
-        self.handshake_buckets[route][bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
-        self.handshake_sum[route] += seconds
+        self.handshake_seconds.observe((route,), seconds)
 
     def rejected_handshake(self, route, status, reason):
         self.rejected[(route or "", str(status), reason)] += 1
@@ -49,12 +81,31 @@ class Stats:
             kind = "unreachable" if reason == "upstream_unreachable" else "rejected"
             self.upstream_errors[(route or "", kind)] += 1
 
-    def closed(self, connection):
+    def closed(self, connection, close_code, closed_by):
+        """Fold a closed connection's counters into the totals; count its close.
+
+        *close_code* is the first close frame's code on the client's
+        connection (None: no close frame, labelled ``none``).
+        """
         route = connection.route
         self.closed_messages[(route, "in")] += connection.messages_in
         self.closed_messages[(route, "out")] += connection.messages_out
         self.closed_bytes[(route, "in")] += connection.bytes_in
         self.closed_bytes[(route, "out")] += connection.bytes_out
+        code = "none" if close_code is None else str(close_code)
+        self.closes[(route, code, closed_by)] += 1
+
+    def upstream_connected(self, route, ok, seconds):
+        """An upstream accepted (*ok*) or failed its handshake after *seconds*."""
+        self.upstream_connect_seconds.observe((route, "ok" if ok else "error"), seconds)
+
+    def published(self):
+        self.publishes += 1
+
+    def publish_refused(self, reason):
+        """An admin publish was refused: ``broker_down``, ``too_large``, ``not_utf8``,
+        ``no_channel`` or ``unauthorized``."""
+        self.publish_refusals[reason] += 1
 
     def upstream_error(self, route, kind):
         self.upstream_errors[(route, kind)] += 1
@@ -99,15 +150,16 @@ class GatewayCollector:
                        messages)
         yield _counter("wsgate_bytes_total", "WebSocket payload bytes", ["route", "direction"],
                        size)
-        h = HistogramMetricFamily("wsgate_handshake_seconds",
-                                  "Time from connection to 101", labels=["route"])
-        for route, counts in stats.handshake_buckets.items():
-            cumulative, buckets = 0, []
-            for bound, count in zip(HANDSHAKE_BUCKETS + (float("inf"),), counts):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            h.add_metric([route], buckets, stats.handshake_sum[route])
-        yield h
+        yield _counter("wsgate_connections_closed_total",
+                       "WebSockets closed, by the first close frame's code (none: no close "
+                       "frame) and the side that sent it", ["route", "code", "closed_by"],
+                       stats.closes)
+        yield stats.handshake_seconds.family(
+            "wsgate_handshake_seconds", "Time from connection to 101", ["route"])
+        yield stats.upstream_connect_seconds.family(
+            "wsgate_upstream_connect_seconds",
+            "Time for the upstream to accept (ok) or fail (error) the proxied handshake",
+            ["route", "result"])
         yield _counter("wsgate_upstream_errors_total", "Upstream failures", ["route", "kind"],
                        stats.upstream_errors)
         broadcast = {route.name for route in gateway.config.routes
@@ -128,6 +180,14 @@ class GatewayCollector:
         g = GaugeMetricFamily("wsgate_broker_up", "1 when the broker is reachable")
         g.add_metric([], 0 if gateway.broker.state == "down" else 1)
         yield g
+        yield _counter("wsgate_publishes_total", "Admin publishes the broker took", [],
+                       {(): stats.publishes})
+        yield _counter("wsgate_publish_refused_total", "Admin publishes refused", ["reason"],
+                       {(r,): n for r, n in stats.publish_refusals.items()})
+        g = GaugeMetricFamily("wsgate_build_info", "Always 1; the labels say what runs",
+                              labels=list(build_info()))
+        g.add_metric(list(build_info().values()), 1)
+        yield g
 
 
 def _counter(name, documentation, labels, values):
@@ -135,3 +195,33 @@ def _counter(name, documentation, labels, values):
     for key, value in sorted(values.items()):
         family.add_metric(list(key), value)
     return family
+
+
+@functools.cache
+def build_info():
+    """``{version, python, twisted, autobahn}`` of this process (read once)."""
+    import autobahn
+    import twisted
+
+    return {"version": _version(), "python": platform.python_version(),
+            "twisted": twisted.__version__, "autobahn": autobahn.__version__}
+
+
+def _version():
+    """wsgate's version: the installed distribution's (setup.cfg), else the package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wsgate")
+    except PackageNotFoundError:
+        import wsgate
+
+        return getattr(wsgate, "__version__", "unknown")
+
+
+def registry(gateway):
+    """The registry ``/metrics`` serves for *gateway*: its counters and the process's."""
+    result = CollectorRegistry(auto_describe=False)
+    result.register(GatewayCollector(gateway))
+    ProcessCollector(registry=result)
+    return result

@@ -3,8 +3,8 @@
 Connection events (``websocket.connection.accepted`` and friends) are ordinary
 twisted.logger events that carry ``wsgate_event`` (the event name) and
 ``wsgate_fields`` (the contract's fields). The JSON observer writes each event
-as one JSON object per line (NDJSON, no RFC 7464 separator); the text
-observer keeps Twisted's readable format.
+as one JSON object per line (NDJSON, no RFC 7464 separator), with ``level``
+when it is above ``info``; the text observer keeps Twisted's readable format.
 """
 
 import json
@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from twisted.logger import (
     FileLogObserver,
     Logger,
+    LogLevel,
     formatEvent,
     formatEventAsClassicLogText,
 )
@@ -21,12 +22,12 @@ from twisted.logger import (
 events = Logger(namespace="wsgate.events")
 
 
-def emit(name, text, **fields):
-    """Log the event *name* with its *fields*; *text* is the human-readable line.
+def emit(name, text, level=LogLevel.info, **fields):
+    """Log the event *name* with its *fields* at *level*; *text* is the readable line.
 
     *text* may use the fields as ``{name}`` placeholders (twisted.logger format).
     """
-    events.info(text, wsgate_event=name, wsgate_fields=fields, **fields)
+    events.emit(level, text, wsgate_event=name, wsgate_fields=fields, **fields)
 
 
 def _iso_time(timestamp):
@@ -41,6 +42,9 @@ def event_as_json(event, node_id):
               "node_id": node_id}
     if name:
         record.update(event.get("wsgate_fields", {}))
+        level = event.get("log_level")
+        if level is not None and level > LogLevel.info:
+            record["level"] = level.name
     else:
         level = event.get("log_level")
         record["level"] = level.name if level is not None else "info"

@@ -4,15 +4,18 @@ Handshake: the gateway sends the upstream its own upgrade request carrying the
 client's key, subprotocols and (when the listener allows compression)
 extension offers plus the forwarded headers, and answers the client only once
 the upstream has answered: its 101 (subprotocol, extensions, Accept) goes to
-the client unchanged; a refused, unreachable or slow upstream is a 503, an
-upstream that answers with an HTTP error or breaks the handshake is a 502.
+the client unchanged, except that a permessage-deflate answer gains
+``client_no_context_takeover`` (see :func:`client_response`); a refused,
+unreachable or slow upstream is a 503, an upstream that answers with an HTTP
+error or breaks the handshake is a 502.
 
 Relay: bytes pass unchanged both ways while :class:`wsgate.frames.FrameScanner`
-reads frame headers (message counts, ``max_message_size``, frame boundaries).
-The gateway injects its own control frames only at frame boundaries: keepalive
-pings (their pongs are swallowed), 1001 to the upstream when the client is
-gone, 1014 to the client when the upstream is lost, 1009 for oversize
-messages. Each transport is the other's streaming producer (backpressure).
+reads frame headers (message counts, the client's limits, close codes, frame
+boundaries). The gateway injects its own control frames only at frame
+boundaries: keepalive pings (their pongs are swallowed), 1001 to the upstream
+when the client is gone, 1014 to the client when the upstream is lost, 1009,
+1008 or 1002 when a limit or a rule is broken. Each transport is the other's
+streaming producer (backpressure).
 """
 
 import base64
@@ -26,8 +29,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from wsgate import frames, http
+from wsgate import fastpath, frames, http
 from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
+from wsgate.flow import ControlFrameRate
 from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.policies import DROP, apply_sessions
 from wsgate.terminated import log_message
@@ -82,6 +86,7 @@ class UpstreamLeg(Protocol):
         self.request = request
         self.ready = ready  # fires with (self, status line, headers, extra bytes)
         self.relay = None
+        self.headers = []  # the upstream's response headers
         self._buffer = b""
 
     def connectionMade(self):
@@ -111,6 +116,7 @@ class UpstreamLeg(Protocol):
             name, sep, value = line.partition(":")
             if sep:
                 headers.append((name.strip(), value.strip()))
+        self.headers = headers
         if not self.ready.called:
             self.ready.callback((self, status, headers, extra))
 
@@ -223,12 +229,48 @@ def _as_refusal(failure, target, route_name):
     raise refusal
 
 
+def _extension_params(extension):
+    """``"permessage-deflate; client_max_window_bits=10"`` → its parameters, name first."""
+    return [param.strip() for param in extension.split(";")]
+
+
+def deflate_negotiated(headers):
+    """Whether the upstream's 101 *headers* accept permessage-deflate."""
+    return any(_extension_params(extension)[0].lower() == "permessage-deflate"
+               for name, value in headers if name.lower() == "sec-websocket-extensions"
+               for extension in value.split(","))
+
+
+def _without_client_context(value):
+    """A ``Sec-WebSocket-Extensions`` response value whose permessage-deflate carries
+    ``client_no_context_takeover`` (other extensions unchanged)."""
+    extensions = []
+    for extension in value.split(","):
+        params = _extension_params(extension)
+        if params[0].lower() == "permessage-deflate" and \
+                "client_no_context_takeover" not in (param.lower() for param in params[1:]):
+            extension = "; ".join(params + ["client_no_context_takeover"])
+        extensions.append(extension.strip())
+    return ", ".join(extensions)
+
+
 def client_response(headers):
-    """The 101 for the client, built from the upstream's 101 (hop-by-hop headers dropped)."""
+    """The 101 for the client, built from the upstream's 101 (hop-by-hop headers dropped).
+
+    With permessage-deflate, ``client_no_context_takeover`` is added: a server
+    may add it to any offer (RFC 7692 §7.1.1.1), and it makes every client
+    message a DEFLATE stream of its own, so the relay can hold
+    ``max_message_size`` on its inflated size with a short-lived decompressor
+    (:class:`wsgate.frames.InflateLimit`). The upstream, whose decompressor
+    keeps its context, reads such messages as they are.
+    """
     lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade"]
     for name, value in headers:
-        if name.lower() not in HOP_BY_HOP:
-            lines.append(f"{name}: {value}")
+        if name.lower() in HOP_BY_HOP:
+            continue
+        if name.lower() == "sec-websocket-extensions":
+            value = _without_client_context(value)
+        lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -246,15 +288,23 @@ class _PauseReading:
 
     def __init__(self, transport):
         self.transport = transport
+        self.paused = False
 
     def pauseProducing(self):
+        self.paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self):
+        self.paused = False
         self.transport.resumeProducing()
 
     def stopProducing(self):
         pass
+
+    def release(self):
+        """No longer hold the transport back: resume it if this producer paused it."""
+        if self.paused:
+            self.resumeProducing()
 
 
 class _Leg:
@@ -265,13 +315,43 @@ class _Leg:
         self.transport = transport
         self.scanner = scanner  # frames arriving *from* this side
         self.masked_out = masked_out  # frames the gateway writes *to* this side
+        self.producer = None  # the _PauseReading registered on this transport
         self.pending = []  # gateway frames waiting for a frame boundary
         self.close_sent = False  # a close frame went to this side
         self.close_by_gateway = False  # ... and the gateway wrote it
+        self.close_out = None  # (code, reason) of that close frame
         self.close_received = None  # (code, reason) this side sent
+        self.received_first = False  # its close came before any close went to it
         self.lost = False
         self.ping_payload = None
         self.ping_timer = None
+        self.close_timer = None
+
+    @property
+    def handshake_done(self):
+        """A close frame went each way: the TCP connection may be closed."""
+        return self.close_sent and self.close_received is not None
+
+    def closed_by_peer(self, code, reason):
+        """Record the close frame (*code*, *reason*) this side sent."""
+        self.close_received = (code, reason)
+        self.received_first = not self.close_sent
+
+    def closed_by_relay(self, code, reason, by_gateway):
+        """Record the close frame (*code*, *reason*) written to this side."""
+        self.close_sent = True
+        self.close_by_gateway = by_gateway
+        self.close_out = (code, reason)
+
+    def close_frames(self):
+        """``(code, reason, reply code)``: the first close frame on this connection,
+        whoever sent it, and the code of the answer; ``(None, "", None)`` without one."""
+        first, reply = self.close_out, self.close_received
+        if self.received_first:
+            first, reply = reply, first
+        if first is None:
+            return None, "", None
+        return first[0], first[1], None if reply is None else reply[0]
 
 
 class ClientLeg(Protocol):
@@ -309,7 +389,21 @@ def _message_hook(connection, sessions, direction, log_messages):
 
 
 class Relay:
-    """Splices a client and an upstream WebSocket, frame-aware (see the module docstring)."""
+    """Splices a client and an upstream WebSocket, frame-aware (see the module docstring).
+
+    Limits on what the client sends (its scanner): the route's (or listener's)
+    ``max_message_size`` — on the inflated size too when permessage-deflate
+    was negotiated —, ``max_fragments`` frames per message, and at most
+    ``max_fragments`` control frames per second. A close frame with a code
+    forbidden on the wire, from either side, gets 1002 and is not relayed;
+    the other side gets 1001.
+
+    Closing: a side whose close handshake is over is ended (the client: TCP
+    closed by the gateway; the upstream: it closes TCP itself), and every side
+    the gateway waits on is dropped after ``_CLOSE_TIMEOUT``. Producers are
+    unregistered before a transport is closed: a TLS transport's
+    ``loseConnection`` waits for its producer.
+    """
 
     def __init__(self, gateway, listener, route, connection, client_transport, upstream_leg):
         self.gateway = gateway
@@ -319,20 +413,25 @@ class Relay:
         limit = route.max_message_size or listener.max_message_size
         sessions = connection.outcome.sessions if connection.outcome is not None else ()
         log_messages = gateway.config.core.log_messages
+        inflate = frames.InflateLimit(limit) if deflate_negotiated(upstream_leg.headers) else None
         self.client = _Leg("client", client_transport, frames.FrameScanner(
-            limit, _message_hook(connection, sessions, "in", log_messages)), False)
+            limit, _message_hook(connection, sessions, "in", log_messages),
+            max_fragments=listener.max_fragments,
+            control_rate=ControlFrameRate(listener.max_fragments, self.clock),
+            inflate=inflate), False)
         self.upstream = _Leg("upstream", upstream_leg.transport, frames.FrameScanner(
-            1 << 62, _message_hook(connection, sessions, "out", log_messages)), True)
+            frames.UNLIMITED, _message_hook(connection, sessions, "out", log_messages)), True)
         self.ping_interval = listener.ping_interval
         self.ping_timeout = listener.ping_timeout
         self.idle = IdleTimer(self.clock, idle_timeout(route, listener), self._idle)
-        self._upstream_close_timer = None
         self._finished = False
         self._closed_by = None
         upstream_leg.relay = self
         connection.protocol = self  # the admin API's kick and the drain close through it
-        client_transport.registerProducer(_PauseReading(upstream_leg.transport), True)
-        upstream_leg.transport.registerProducer(_PauseReading(client_transport), True)
+        for leg, other in ((self.client, self.upstream), (self.upstream, self.client)):
+            fastpath.set_no_delay(leg.transport)  # small frames must not wait for Nagle
+            leg.producer = _PauseReading(other.transport)
+            leg.transport.registerProducer(leg.producer, True)
 
     def start(self, client_bytes, upstream_bytes):
         """Begin relaying, replaying bytes that arrived during the handshake."""
@@ -388,50 +487,72 @@ class Relay:
             self._pong(source)
             return
         if opcode == frames.OP_CLOSE:
-            source.close_received = frame.close_code_reason()
-            if source.close_by_gateway:  # the answer to the gateway's own close
-                self._end(source)
-                return
-            if self._closed_by is None:
-                self._closed_by = source.name
-            if sink.lost or sink.close_sent:
-                # Nobody to relay to: answer the close ourselves, then end this side.
-                code, reason = source.close_received
-                self._send(source, frames.OP_CLOSE, frames.close_payload(code, reason),
-                           by_gateway=True)
-                self._end(source)
-                return
-            sink.close_sent = True
-        elif sink.close_sent and sink.close_by_gateway:
+            self._close_frame(source, sink, frame)
+            return
+        if sink.close_sent and sink.close_by_gateway:
             return  # the gateway closed that side: nothing more goes to it
         if not sink.lost:
             sink.transport.write(frame.raw)
 
+    def _close_frame(self, source, sink, frame):
+        """*source* sent a (valid) close frame: relay it, or answer it ourselves."""
+        source.closed_by_peer(*frame.close_code_reason())
+        if source.close_by_gateway:  # the answer to the gateway's own close
+            self._end(source)
+            return
+        if self._closed_by is None:
+            self._closed_by = source.name
+        if sink.lost or sink.close_sent:
+            # Nobody to relay to: answer the close ourselves, then end this side.
+            code, reason = source.close_received
+            self._send_close(source, code, reason)
+            self._end(source)
+            return
+        sink.closed_by_relay(*frame.close_code_reason(), by_gateway=False)
+        if not sink.lost:
+            sink.transport.write(frame.raw)
+        for leg in (source, sink):  # a reply ends both handshakes; a first close neither
+            if leg.handshake_done:
+                self._end(leg)
+
     def _violation(self, source, sink, violation):
-        self._closed_by = "gateway"
-        self._send(source, frames.OP_CLOSE, frames.close_payload(violation.code,
-                                                                 violation.reason),
-                   by_gateway=True)
-        self._send(sink, frames.OP_CLOSE, frames.close_payload(1001, "going away"),
-                   by_gateway=True)
+        """*source* broke a rule: it gets *violation*'s close, *sink* 1001."""
+        if violation.closed is not None:  # its own close frame was the offence
+            source.closed_by_peer(*violation.closed)
+            if self._closed_by is None:
+                self._closed_by = source.name
+        elif self._closed_by is None:
+            self._closed_by = "gateway"
+        self._send_close(source, violation.code, violation.reason)
+        self._send_close(sink, 1001, "going away")
+        if not source.scanner.at_boundary:
+            self._hang_up(sink, abort=True)  # cut inside a frame: no close frame possible
         for leg in (source, sink):
-            self._end_later(leg)
+            if leg.handshake_done:
+                self._end(leg)
+            else:
+                self._end_later(leg)
 
     # -- gateway frames
 
-    def _send(self, leg, opcode, payload, by_gateway=False):
+    def _send(self, leg, opcode, payload):
         """Write a gateway frame to *leg* now if the stream is at a frame boundary."""
-        if leg.lost or (opcode == frames.OP_CLOSE and leg.close_sent):
+        if leg.lost:
             return
-        if opcode == frames.OP_CLOSE:
-            leg.close_sent = True
-            leg.close_by_gateway = by_gateway
         frame = frames.control_frame(opcode, payload, masked=leg.masked_out)
         other = self.upstream if leg is self.client else self.client
-        if other.scanner.at_boundary or other.lost and not other.scanner.remaining:
+        if other.scanner.at_boundary:
             leg.transport.write(frame)
         else:
             leg.pending.append(frame)
+
+    def _send_close(self, leg, code, reason):
+        """The gateway's close frame to *leg* (once per side; none to a lost side)."""
+        if leg.lost or leg.close_sent:
+            return
+        payload = frames.close_payload(code, reason)
+        leg.closed_by_relay(code, payload[2:].decode("utf-8"), by_gateway=True)  # as sent
+        self._send(leg, frames.OP_CLOSE, payload)
 
     def _flush(self, leg):
         pending, leg.pending = leg.pending, []
@@ -442,10 +563,8 @@ class Relay:
         """Close both sides from the gateway (idle timeout, kick, drain)."""
         if self._closed_by is None:
             self._closed_by = "gateway"
-        payload = frames.close_payload(code, reason)
-        self._send(self.client, frames.OP_CLOSE, payload, by_gateway=True)
-        self._send(self.upstream, frames.OP_CLOSE, payload, by_gateway=True)
         for leg in (self.client, self.upstream):
+            self._send_close(leg, code, reason)
             self._end_later(leg)
 
     # -- keepalive per leg
@@ -455,6 +574,9 @@ class Relay:
             leg.ping_timer = self.clock.callLater(self.ping_interval, self._ping, leg)
 
     def _ping(self, leg):
+        leg.ping_timer = None
+        if leg.close_sent:
+            return  # no frame after a close; the close timer ends the leg
         leg.ping_payload = os.urandom(8)
         self._send(leg, frames.OP_PING, leg.ping_payload)
         leg.ping_timer = self.clock.callLater(self.ping_timeout, self._ping_unanswered, leg)
@@ -468,7 +590,7 @@ class Relay:
         leg.ping_timer = None
         if self._closed_by is None:
             self._closed_by = "gateway"
-        leg.transport.abortConnection()  # the peer is gone
+        self._hang_up(leg, abort=True)  # the peer is gone
 
     # -- idle timeout
 
@@ -478,65 +600,75 @@ class Relay:
     # -- ending
 
     def _end(self, leg):
-        """The close handshake with *leg* is over: the server side closes TCP."""
+        """The close handshake with *leg* is over. The server side closes TCP: the
+        gateway for the client, the upstream for its leg; either is dropped if it
+        has not gone after ``_CLOSE_TIMEOUT`` (a client that does not read)."""
         if leg is self.client:
-            leg.transport.loseConnection()
-        else:
-            self._end_later(leg)
+            self._hang_up(leg)
+        self._end_later(leg)
 
     def _end_later(self, leg):
         """Give *leg* time to finish its close handshake, then drop it."""
-        if leg is self.client:
-            attr = "_client_close_timer"
-        else:
-            attr = "_upstream_close_timer"
-        timer = getattr(self, attr, None)
-        if leg.lost or (timer is not None and timer.active()):
+        if leg.lost or leg.close_timer is not None:
             return
-        setattr(self, attr, self.clock.callLater(_CLOSE_TIMEOUT, self._drop, leg))
+        leg.close_timer = self.clock.callLater(_CLOSE_TIMEOUT, self._drop, leg)
 
     def _drop(self, leg):
-        if not leg.lost:
+        leg.close_timer = None
+        self._hang_up(leg, abort=True)
+
+    def _hang_up(self, leg, abort=False):
+        """Close *leg*'s connection; its producer is unregistered first (TLS waits for it)."""
+        if leg.lost:
+            return
+        self._release(leg)
+        if abort:
             leg.transport.abortConnection()
+        else:
+            leg.transport.loseConnection()
+
+    @staticmethod
+    def _release(leg):
+        """Unregister the producer on *leg*'s transport and let the other side read again."""
+        producer, leg.producer = leg.producer, None
+        if producer is not None:
+            leg.transport.unregisterProducer()
+            producer.release()
 
     def client_lost(self):
-        self.client.lost = True
-        self._stop_timers(self.client)
+        client, upstream = self.client, self.upstream
+        self._leg_lost(client)
         if self._closed_by is None:
             self._closed_by = "client"
-        if not self.upstream.close_sent:
-            code = 1001
-            self._send(self.upstream, frames.OP_CLOSE, frames.close_payload(code, "going away"),
-                       by_gateway=True)
-        if not self.upstream.lost:
-            if self.upstream.pending and not self.client.scanner.at_boundary:
-                self.upstream.transport.abortConnection()  # cut mid-frame: nothing to finish
-            else:
-                self._end_later(self.upstream)
+        self._send_close(upstream, 1001, "going away")
+        if upstream.pending and not client.scanner.at_boundary:
+            self._hang_up(upstream, abort=True)  # cut mid-frame: nothing to finish
+        else:
+            self._end_later(upstream)
         self._maybe_finish()
 
     def upstream_lost(self):
-        self.upstream.lost = True
-        self._stop_timers(self.upstream)
+        client, upstream = self.client, self.upstream
+        self._leg_lost(upstream)
         if self._closed_by is None:
             self._closed_by = "upstream"
-        client = self.client
-        if not client.lost:
-            if not client.close_sent:
-                self._send(client, frames.OP_CLOSE, frames.close_payload(1014, "upstream lost"),
-                           by_gateway=True)
-            if client.pending and not self.upstream.scanner.at_boundary:
-                client.transport.abortConnection()  # cut mid-frame: no close frame possible
-            else:
-                client.transport.loseConnection()
+        self._send_close(client, 1014, "upstream lost")
+        if client.pending and not upstream.scanner.at_boundary:
+            self._hang_up(client, abort=True)  # cut mid-frame: no close frame possible
+        elif client.handshake_done:
+            self._end(client)
+        else:
+            self._end_later(client)  # wait for the client's answer
         self._maybe_finish()
 
-    def _stop_timers(self, leg):
+    def _leg_lost(self, leg):
+        """*leg*'s connection is gone: no producer refers to it, no timer runs for it."""
+        leg.lost = True
+        self._release(leg)
+        self._release(self.upstream if leg is self.client else self.client)  # pauses *leg*
         self._cancel(leg, "ping_timer")
-        timer_attr = "_client_close_timer" if leg is self.client else "_upstream_close_timer"
-        timer = getattr(self, timer_attr, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._cancel(leg, "close_timer")
+        fastpath.release(leg.transport)
 
     @staticmethod
     def _cancel(leg, attr):
@@ -550,12 +682,6 @@ class Relay:
             return
         self._finished = True
         self.idle.cancel()
-        code, reason = self._reported_close()
-        self.gateway.unregister(self.connection, code, reason, self._closed_by or "gateway")
-
-    def _reported_close(self):
-        for leg in ((self.client, self.upstream) if self._closed_by == "client"
-                    else (self.upstream, self.client)):
-            if leg.close_received is not None:
-                return leg.close_received
-        return 1006, ""
+        code, reason, reply = self.client.close_frames()
+        self.gateway.unregister(self.connection, code, reason, self._closed_by or "gateway",
+                                reply)

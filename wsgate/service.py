@@ -14,8 +14,10 @@ import signal
 from twisted.application import service
 from twisted.internet import endpoints, reactor
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from wsgate import fastpath, observe
 from wsgate.config import ConfigError, load
@@ -32,9 +34,24 @@ class BindError(Exception):
     """An endpoint could not be bound; the text is the one-line explanation."""
 
 
-def bind(endpoint_text, factory, label):
-    """Listen on *endpoint_text* now (synchronously); return the port or raise BindError."""
-    endpoint = endpoints.serverFromString(reactor, endpoint_text)
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy")  # endpoints with a listen queue
+
+
+def with_backlog(endpoint_text, backlog):
+    """*endpoint_text* with its listen queue set to *backlog* (None: Twisted's default).
+
+    The config refuses ``backlog=`` in the endpoint text itself, so appending
+    the keyword is unambiguous; ``haproxy:`` passes it to the endpoint it wraps.
+    """
+    if backlog is None or endpoint_text.split(":", 1)[0] not in _BACKLOG_TYPES:
+        return endpoint_text
+    return f"{endpoint_text}:backlog={backlog}"
+
+
+def bind(endpoint_text, factory, label, backlog=None):
+    """Listen on *endpoint_text* with *backlog* now (synchronously); return the port or
+    raise BindError."""
+    endpoint = endpoints.serverFromString(reactor, with_backlog(endpoint_text, backlog))
     outcome = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:
@@ -70,14 +87,16 @@ def accept_one_per_wakeup(port):
     port.doRead = doRead
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class _CurrentTLS:
-    """The TLS context of a listener as the *current* config has it (SIGHUP swaps certs)."""
+    """The TLS of a listener as the *current* config has it (SIGHUP swaps certificates):
+    each accepted connection asks the config in force at that moment."""
 
     def __init__(self, gateway, name):
         self.gateway, self.name = gateway, name
 
-    def getContext(self):
-        return self.gateway.listener(self.name).tls.getContext()
+    def serverConnectionForTLS(self, tlsProtocol):
+        return self.gateway.listener(self.name).tls.serverConnectionForTLS(tlsProtocol)
 
 
 class ListenerService(service.Service):
@@ -113,7 +132,7 @@ class ListenerService(service.Service):
             accept_one_per_wakeup(self.port)
         else:
             self.port = bind(self.listener.endpoint, self.factory(),
-                             f"[listen:{self.listener.name}]")
+                             f"[listen:{self.listener.name}]", self.listener.backlog)
         address = self.port.getHost()
         observe.emit(
             "wsgate.listening", "listening on {address} ([listen:{listener}], tls={tls})",

@@ -3,12 +3,17 @@
 A listener with ``tls_cert`` gets a :class:`ServerTLS`: one context for the
 default certificate plus one per ``<hostname>.pem`` in ``tls_sni_dir``; the
 SNI callback switches the connection to the matching context. Files are read
-once, when the config is loaded.
+once, when the config is loaded. It is handed to Twisted as an
+``IOpenSSLServerConnectionCreator`` (the interface ``TLSMemoryBIOFactory``
+expects; an object with only ``getContext`` gets a
+``LegacyContextFactoryWarning``).
 """
 
 import os
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 _CIPHERS = (
     b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS:!SHA1"
@@ -63,8 +68,9 @@ def _choose_http11(conn, offered):
     return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """The TLS side of one listener; usable as an old-style Twisted context factory."""
+    """The TLS side of one listener: makes each accepted connection's ``SSL.Connection``."""
 
     def __init__(self, default_context, sni_contexts):
         self._default = default_context
@@ -103,9 +109,9 @@ class ServerTLS:
             if ctx is not None:
                 connection.set_context(ctx)
 
-    def getContext(self):
-        """Old-style context factory API (``TLSMemoryBIOFactory`` accepts it)."""
-        return self._default
+    def serverConnectionForTLS(self, tlsProtocol):
+        """A server connection on the default context (SNI may switch it)."""
+        return SSL.Connection(self._default, None)
 
 
 def upstream_tls_options(hostname, ca_path, verify):

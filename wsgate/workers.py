@@ -77,7 +77,8 @@ class WorkerPool(service.MultiService):
         super().privilegedStartService()
         for listener in self.config.listeners:
             try:
-                port = bind(listener.endpoint, Factory(), f"[listen:{listener.name}]")
+                port = bind(listener.endpoint, Factory(), f"[listen:{listener.name}]",
+                            listener.backlog)
             except BindError as e:
                 fail(str(e))
             port.stopReading()  # the workers accept; the parent only keeps the socket
@@ -90,11 +91,12 @@ class WorkerPool(service.MultiService):
                 address=observe.format_address(address), host=getattr(address, "host", None),
                 port=getattr(address, "port", None), tls=listener.is_tls)
         if self.config.admin is not None:
+            from wsgate.admin import bound_requests
             from wsgate.pool_admin import PoolAdminSite
 
             try:
-                self.admin_port = bind(self.config.admin.endpoint, PoolAdminSite(self),
-                                       "[admin]")
+                self.admin_port = bind(self.config.admin.endpoint,
+                                       bound_requests(PoolAdminSite(self)), "[admin]")
             except BindError as e:
                 fail(str(e))
             address = self.admin_port.getHost()

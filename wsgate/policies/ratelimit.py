@@ -82,6 +82,7 @@ class RateLimitPolicy:
         self.messages = messages  # (rate, burst, action) or None
         self.shared = shared  # a wsgate.pubsub.redis.SharedLimiter, or None
         self.on_broker_down = on_broker_down
+        self._warned_down = False
 
     def _allowed(self):
         if self.messages is None:
@@ -99,14 +100,22 @@ class RateLimitPolicy:
             wait = self.local.take(key)
             return self._deny(wait) if wait else self._allowed()
         d = self.shared.take(f"{self.name}:{key}", self.rate, self.burst)
-        d.addCallback(lambda wait: self._deny(wait) if wait else self._allowed())
+        d.addCallback(self._shared_verdict)
         d.addErrback(self._broker_down)
         return d
 
+    def _shared_verdict(self, wait):
+        self._warned_down = False  # the broker answers again
+        return self._deny(wait) if wait else self._allowed()
+
     def _broker_down(self, failure):
-        _log.warn("wsgate: ratelimit {name}: broker unreachable ({why}); on_broker_down = "
-                  "{action}", name=self.name, why=failure.getErrorMessage(),
-                  action=self.on_broker_down)
+        # Once per outage: every upgrade meets it, and clients can make many (the
+        # broker itself logs the outage and its end).
+        if not self._warned_down:
+            self._warned_down = True
+            _log.warn("wsgate: ratelimit {name}: broker unreachable ({why}); on_broker_down = "
+                      "{action} until it is back", name=self.name,
+                      why=failure.getErrorMessage(), action=self.on_broker_down)
         if self.on_broker_down == "deny":
             return Deny(503, "Rate limit unavailable", (("Retry-After", "5"),))
         return self._allowed()

@@ -10,7 +10,9 @@ Both connections are ``ClientService``s: Redis unreachable at start-up or lost
 later is retried with backoff, and on reconnection every live channel is
 subscribed again. Every command has a timeout (txredisapi would otherwise
 wait while Redis is down). txredisapi runs binary-safe here
-(``charset=None``, ``convertNumbers=False``).
+(``charset=None``, ``convertNumbers=False``). An outage is logged twice, not
+per attempt: ``wsgate.broker.down`` (a warning naming the broker, its address
+and the first error) and ``wsgate.broker.up`` once both connections are back.
 
 Envelope (for publishers that write to Redis directly): a message is
 ``wsg1 <t|b> <origin node> <origin connection>\\n<payload>``; ``t`` is text,
@@ -25,10 +27,12 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from wsgate import observe
 from wsgate.interfaces import IBroker
 from wsgate.pubsub import LocalFanout, Message
 
@@ -62,15 +66,98 @@ def decode(data):
         return Message(data, True)
 
 
+class _Outage:
+    """Logs an outage of one broker once: a warning when it starts, a line when it ends.
+
+    Every failed attempt and lost connection calls :meth:`failed`; only the
+    first of an outage is logged, with its error. :meth:`recovered` logs the
+    end of an outage (nothing when there was none, as at start-up).
+    """
+
+    def __init__(self, broker, address, clock):
+        self.broker, self.address, self.clock = broker, address, clock
+        self.since = None  # when the outage began; None: no outage
+
+    def failed(self, error):
+        if self.since is not None:
+            return
+        self.since = self.clock.seconds()
+        observe.emit("wsgate.broker.down",
+                     "wsgate: broker {broker} ({address}) is down: {error}; reconnecting",
+                     level=LogLevel.warn, broker=self.broker, address=self.address,
+                     error=error.rstrip("."))
+
+    def recovered(self, channels):
+        if self.since is None:
+            return
+        down_s, self.since = round(self.clock.seconds() - self.since, 1), None
+        observe.emit("wsgate.broker.up",
+                     "wsgate: broker {broker} ({address}) is back after {down_s}s; "
+                     "{channels} channels subscribed again",
+                     broker=self.broker, address=self.address, down_s=down_s,
+                     channels=channels)
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that reports each failed connection attempt to *failed*."""
+
+    def __init__(self, endpoint, failed):
+        self._endpoint, self._failed = endpoint, failed
+
+    def connect(self, factory):
+        def report(failure):
+            self._failed(failure.getErrorMessage())
+            return failure
+        return self._endpoint.connect(factory).addErrback(report)
+
+
+class _QuietClientService(ClientService):
+    """A ``ClientService`` without its line per retry (:class:`_Outage` logs once)."""
+
+    _log = Logger(observer=lambda event: None)
+
+
+class _ReportsLoss:
+    """A txredisapi protocol that tells its factory why its connection ended."""
+
+    def connectionLost(self, why):
+        self.factory.connection_lost(why.getErrorMessage())
+        super().connectionLost(why)
+
+
+class _Subscriber(_ReportsLoss, txredisapi.SubscriberProtocol):
+    pass
+
+
+class _Commands(_ReportsLoss, txredisapi.RedisProtocol):
+    pass
+
+
+def _when_ready(ready):
+    """A ``prepareConnection`` calling *ready(protocol)* once txredisapi's AUTH and
+    SELECT are done, without making ClientService wait for it.
+
+    ClientService cannot take a connection lost while it waits for
+    ``prepareConnection`` (Twisted raises ``NoTransition`` and never tries
+    again, as when a proxy in front of a stopped Redis accepts and closes);
+    not waiting, such a connection is lost like any other and retried.
+    """
+    def prepare(protocol):
+        protocol.whenConnected().addCallback(ready)
+    return prepare
+
+
 class _ProtocolFactory(Factory):
     """The factory txredisapi's protocols expect (they call back into it)."""
 
     noisy = False
-    isLazy = True
+    isLazy = False  # txredisapi would log its connection errors a second time
 
-    def __init__(self, protocol_class, settings, on_message=None):
+    def __init__(self, protocol_class, settings, failed, on_message=None):
         self.protocol_class = protocol_class
         self.settings = settings
+        self.failed = failed  # called with the error of a lost or refused connection
         self.on_message = on_message
 
     def buildProtocol(self, addr):
@@ -88,7 +175,10 @@ class _ProtocolFactory(Factory):
         pass  # ClientService decides about retries
 
     def connectionError(self, message):
-        _log.warn("wsgate: redis: {message}", message=message)
+        self.failed(message)  # AUTH or SELECT refused
+
+    def connection_lost(self, message):
+        self.failed(f"connection lost: {message}")
 
 
 def parse_url(url, timeout):
@@ -120,19 +210,23 @@ class RedisBroker(MultiService):
         self._pub = None  # the ready publishing protocol, or None
         self.stats = {"publish_failed": 0, "delivered": 0}
         url = parse_url(settings.url, settings.timeout)
+        self._outage = _Outage(settings.name, f"{url['host']}:{url['port']}", reactor)
         endpoint = HostnameEndpoint(reactor, url["host"], url["port"], timeout=5)
         if url["tls"]:
             from wsgate.tls import upstream_tls_options
 
             endpoint = wrapClientTLS(upstream_tls_options(url["host"], settings.ca, True),
                                      endpoint)
+        endpoint = _ReportingEndpoint(endpoint, self._failed)
         policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0)
-        self._sub_service = ClientService(
-            endpoint, _ProtocolFactory(txredisapi.SubscriberProtocol, url, self._received),
-            retryPolicy=policy, clock=reactor, prepareConnection=self._subscriber_ready)
-        self._pub_service = ClientService(
-            endpoint, _ProtocolFactory(txredisapi.RedisProtocol, url),
-            retryPolicy=policy, clock=reactor, prepareConnection=self._publisher_ready)
+        self._sub_service = _QuietClientService(
+            endpoint, _ProtocolFactory(_Subscriber, url, self._failed, self._received),
+            retryPolicy=policy, clock=reactor,
+            prepareConnection=_when_ready(self._subscriber_ready))
+        self._pub_service = _QuietClientService(
+            endpoint, _ProtocolFactory(_Commands, url, self._failed),
+            retryPolicy=policy, clock=reactor,
+            prepareConnection=_when_ready(self._publisher_ready))
         self._sub_service.setServiceParent(self)
         self._pub_service.setServiceParent(self)
 
@@ -142,30 +236,33 @@ class RedisBroker(MultiService):
 
     # -- connections
 
-    def _subscriber_ready(self, protocol):
-        d = protocol.whenConnected()
+    def _failed(self, error):
+        """A connection was lost or refused (not while stopping): an outage, if new."""
+        if self.running:
+            self._outage.failed(error)
 
-        def ready(_):
-            self._sub = protocol
-            protocol.whenDisconnected().addCallback(self._subscriber_lost, protocol)
-            channels = self.local.channels()
-            if channels:
-                _log.info("wsgate: redis: subscribing again to {n} channels", n=len(channels))
-                return protocol.subscribe([self.prefix + c.encode() for c in channels])
-        return d.addCallback(ready)
+    def _connection_ready(self):
+        """One connection is ready: when both are, an outage (if any) has ended."""
+        if self.state == "up":
+            self._outage.recovered(len(self.local.channels()))
+
+    def _subscriber_ready(self, protocol):
+        self._sub = protocol
+        protocol.whenDisconnected().addCallback(self._subscriber_lost, protocol)
+        channels = self.local.channels()
+        self._connection_ready()
+        if channels:
+            d = protocol.subscribe([self.prefix + c.encode() for c in channels])
+            d.addErrback(self._log_failure, "SUBSCRIBE", f"({len(channels)} channels)")
 
     def _subscriber_lost(self, _, protocol):
         if self._sub is protocol:
             self._sub = None
-            _log.warn("wsgate: redis: lost the subscribing connection; reconnecting")
 
     def _publisher_ready(self, protocol):
-        d = protocol.whenConnected()
-
-        def ready(_):
-            self._pub = protocol
-            protocol.whenDisconnected().addCallback(self._publisher_lost, protocol)
-        return d.addCallback(ready)
+        self._pub = protocol
+        protocol.whenDisconnected().addCallback(self._publisher_lost, protocol)
+        self._connection_ready()
 
     def _publisher_lost(self, _, protocol):
         if self._pub is protocol:
