@@ -14,7 +14,8 @@ from wsgate.gateway import Connection
 from wsgate.idle import IdleTimer
 from wsgate.pubsub import LocalFanout, Message
 from wsgate.pubsub.redis import _ProtocolFactory
-from wsgate.terminated import BroadcastSession, FastTerminatedProtocol
+from wsgate.fastpath_autobahn import FastTerminatedProtocol
+from wsgate.targets.broadcast import BroadcastSubscriber
 
 
 class RecordingTransport:
@@ -67,7 +68,7 @@ def subscriber(gateway, fanout, n):
     protocol = FastTerminatedProtocol()
     protocol.gateway = gateway
     protocol.connection = Connection(f"c{n}", "r", None, 0)
-    protocol.sessions = ()
+    protocol.policy_sessions = ()
     protocol.log_messages = False
     protocol.idle = IdleTimer(gateway.clock, 0, None)
     protocol.state = protocol.STATE_OPEN
@@ -80,9 +81,9 @@ def subscriber(gateway, fanout, n):
     protocol.logFrames = False
     protocol.closeHandshakeTimeout = 0
     protocol.send_queue = []
-    session = BroadcastSession(NullBroker(), "ch", Target(), "node", None, "r",
+    session = BroadcastSubscriber(NullBroker(), "ch", Target(), "node", None, "r",
                                flusher=gateway.flusher)
-    protocol.session = session
+    protocol.app = session
     session.opened(protocol)
     fanout.add("ch", session)
     return protocol, session
@@ -124,7 +125,7 @@ def test_flusher_flushes_each_marked_object_once_per_iteration():
 def test_a_burst_leaves_in_one_write_per_connection_in_order_and_counted():
     clock, fanout, subs = setup()
     for i in range(5):
-        fanout.deliver("ch", Message(b"m%d" % i, True))
+        fanout.fan_out("ch", Message(b"m%d" % i, True))
     assert all(p.transport.writes == [] for p, _ in subs)  # nothing before the iteration ends
     clock.advance(0)
     want = b"".join(frame(b"m%d" % i) for i in range(5))
@@ -132,14 +133,14 @@ def test_a_burst_leaves_in_one_write_per_connection_in_order_and_counted():
         assert protocol.transport.writes == [want]
         assert protocol.connection.messages_out == 5
         assert protocol.connection.bytes_out == 10
-    fanout.deliver("ch", Message(b"again", True))
+    fanout.fan_out("ch", Message(b"again", True))
     clock.advance(0)
     assert subs[0][0].transport.writes == [want, frame(b"again")]
 
 
 def test_the_sender_is_skipped():
     clock, fanout, subs = setup()
-    fanout.deliver("ch", Message(b"mine", True, "node", "c1"))
+    fanout.fan_out("ch", Message(b"mine", True, "node", "c1"))
     clock.advance(0)
     assert [len(p.transport.writes) for p, _ in subs] == [1, 0, 1]
 
@@ -147,9 +148,9 @@ def test_the_sender_is_skipped():
 def test_a_control_frame_goes_after_the_frames_queued_before_it():
     clock, fanout, subs = setup(1)
     protocol, _ = subs[0]
-    fanout.deliver("ch", Message(b"first", True))
+    fanout.fan_out("ch", Message(b"first", True))
     protocol.sendPing(b"p")
-    fanout.deliver("ch", Message(b"second", True))
+    fanout.fan_out("ch", Message(b"second", True))
     clock.advance(0)
     writes = protocol.transport.writes
     assert writes[0] == frame(b"first")
@@ -160,9 +161,9 @@ def test_a_control_frame_goes_after_the_frames_queued_before_it():
 def test_nothing_follows_the_close_frame():
     clock, fanout, subs = setup(1)
     protocol, _ = subs[0]
-    fanout.deliver("ch", Message(b"before", True))
+    fanout.fan_out("ch", Message(b"before", True))
     protocol.close_with(1001, "going away")
-    fanout.deliver("ch", Message(b"after", True))
+    fanout.fan_out("ch", Message(b"after", True))
     clock.advance(0)
     writes = protocol.transport.writes
     assert writes[0] == frame(b"before")
@@ -174,16 +175,16 @@ def test_nothing_follows_the_close_frame():
 def test_a_paused_subscriber_queues_then_resumes_in_order():
     clock, fanout, subs = setup(1)
     protocol, session = subs[0]
-    fanout.deliver("ch", Message(b"a", True))
+    fanout.fan_out("ch", Message(b"a", True))
     clock.advance(0)
     session.pauseProducing()  # Twisted: the socket's buffer is full
-    fanout.deliver("ch", Message(b"b", True))
-    fanout.deliver("ch", Message(b"c", True))
+    fanout.fan_out("ch", Message(b"b", True))
+    fanout.fan_out("ch", Message(b"c", True))
     clock.advance(0)
     assert protocol.transport.writes == [frame(b"a")]
     assert session.queued_bytes == 2
     session.resumeProducing()
-    fanout.deliver("ch", Message(b"d", True))
+    fanout.fan_out("ch", Message(b"d", True))
     clock.advance(0)
     assert protocol.transport.writes == [frame(b"a"), frame(b"b") + frame(b"c") + frame(b"d")]
     assert session.direct  # back on the hot path once the queue is empty

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from wsgate import units
-from wsgate.config import BroadcastTarget, ConfigError, EchoTarget, load
+from wsgate.config import ConfigError, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,8 +31,10 @@ def test_default_config_loads_with_documented_routes():
     assert [listener.endpoint for listener in config.listeners] == [
         "tcp:8080:interface=127.0.0.1"]
     routes = {route.name: route for route in config.routes}
-    assert routes["echo"].path.text == "/echo" and routes["echo"].target == EchoTarget()
-    assert routes["chat"].target == BroadcastTarget("room:{room}", True, False)
+    assert routes["echo"].path.text == "/echo" and routes["echo"].target.type == "echo"
+    chat = routes["chat"].target
+    assert (chat.type, chat.channel, chat.client_publish, chat.include_sender) == (
+        "broadcast", "room:{room}", True, False)
     listener = config.listeners[0]
     assert (listener.handshake_timeout, listener.ping_interval, listener.ping_timeout) == (
         10, 30, 10)

@@ -193,20 +193,21 @@ def test_every_builtin_policy_type_is_a_plugin_and_builds_an_ipolicy(tmp_path):
 
 
 def test_sessions_subscribers_and_brokers_provide_their_interfaces():
-    from wsgate.config import BroadcastTarget, BrokerSettings
+    from wsgate.config import BrokerSettings
     from wsgate.metrics import Stats
     from wsgate.policies.connlimit import _Slot
     from wsgate.policies.ratelimit import MessageLimit
     from wsgate.pubsub.memory import MemoryBroker
     from wsgate.pubsub.redis import RedisBroker
-    from wsgate.terminated import BroadcastSession
+    from wsgate.targets.broadcast import BroadcastSubscriber, BroadcastTarget
 
     verifyObject(IPolicySession, _Slot({}, "k"))
     verifyObject(IPolicySession, MessageLimit(Gcra(1.0, 1, Clock()), "close"))
     verifyObject(IBroker, MemoryBroker())
     verifyObject(IBroker, RedisBroker(
         BrokerSettings("r", "redis", url="redis://127.0.0.1:1/0"), Clock()))
-    session = BroadcastSession(MemoryBroker(), "c", BroadcastTarget("c"), "node", Stats(), "r")
+    session = BroadcastSubscriber(MemoryBroker(), "c", BroadcastTarget("c"), "node", Stats(),
+                                  "r")
     session.conn_id = "x"
     verifyObject(ISubscriber, session)
 

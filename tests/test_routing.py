@@ -5,14 +5,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from wsgate.config import EchoTarget, RouteSettings
+from wsgate.config import RouteSettings
+from wsgate.targets.echo import EchoApp
+from wsgate.targets.websocket import ApplicationTarget
 from wsgate.interfaces import IRouter
 from wsgate.routing import DefaultRouter, HostPattern, PathPattern, strip_port
 
 
 def route(name, path, host="*", listeners=None):
     return RouteSettings(name=name, host=HostPattern.parse(host), path=PathPattern.parse(path),
-                         target=EchoTarget(), listeners=listeners)
+                         target=ApplicationTarget("echo", "echo", lambda r: EchoApp(1)),
+                         listeners=listeners)
 
 
 def test_default_router_provides_irouter():

@@ -11,8 +11,9 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from wsgate import units
+from wsgate import targets, units
 from wsgate.forwarding import parse_networks
+from wsgate.settings import SettingError
 from wsgate.routing import HostPattern, PathPattern
 
 
@@ -91,126 +92,6 @@ class ListenerSettings:
 
 
 @dataclass(frozen=True)
-class EchoTarget:
-    """Terminate the WebSocket and send every message back."""
-
-    max_send_buffer: int = 1024 * 1024  # unsent bytes beyond which the client is not read
-    kind = "echo"
-
-    def describe(self):
-        return "echo"
-
-
-@dataclass(frozen=True)
-class BroadcastTarget:
-    """Terminate the WebSocket and join a pub/sub channel named by *channel* (a template)."""
-
-    channel: str
-    client_publish: bool = True
-    include_sender: bool = False
-    max_send_buffer: int = 1024 * 1024
-    slow_consumer: str = "drop"
-    kind = "broadcast"
-
-    def channel_for(self, params):
-        return _fill_template(self.channel, params)
-
-    def describe(self):
-        return f"broadcast {self.channel}"
-
-
-@dataclass(frozen=True)
-class StaticTarget:
-    """Serve the files of a directory to plain GET requests (read once, at load)."""
-
-    directory: str
-    files: dict = field(compare=False, repr=False)  # relative path → (bytes, content type)
-    kind = "static"
-
-    def describe(self):
-        return f"static {self.directory}"
-
-    def lookup(self, tail):
-        """The (body, content type) for the request's tail, or None."""
-        return self.files.get(tail or "index.html")
-
-
-_STATIC_LIMIT = 8 * 1024 * 1024
-
-
-def _load_static(section, value, base):
-    """``DIR`` (relative to the config file) or ``@name``: a directory bundled with wsgate."""
-    import mimetypes
-
-    if value.startswith("@"):
-        directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", value[1:])
-    else:
-        directory = _resolve(base, value)
-    if not os.path.isdir(directory):
-        raise section.error("static", f"expected a directory, {directory} is not one")
-    files, total = {}, 0
-    for root, _, names in os.walk(directory):
-        for filename in sorted(names):
-            path = os.path.join(root, filename)
-            relative = os.path.relpath(path, directory).replace(os.sep, "/")
-            try:
-                with open(path, "rb") as f:
-                    body = f.read()
-            except OSError as e:
-                raise section.error("static", f"cannot read {path}: {e.strerror}") from None
-            total += len(body)
-            if total > _STATIC_LIMIT:
-                raise section.error("static", f"{directory} holds more than 8 MiB: static "
-                                    "routes are for small pages (files are kept in memory)")
-            ctype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-            if ctype.startswith("text/") or ctype in ("application/javascript",
-                                                      "application/json"):
-                ctype += "; charset=utf-8"
-            files[relative] = (body, ctype)
-    return StaticTarget(value, files)
-
-
-@dataclass(frozen=True)
-class UpstreamTarget:
-    """Proxy to an upstream WebSocket whose URL is a template (``{path}``, ``{tail}``, ...)."""
-
-    url: str  # as written in the config
-    scheme: str
-    host: str
-    port: int
-    path_template: str
-    timeout: float = 5.0
-    forward_headers: tuple = ()
-    verify: bool = True
-    ca: str = None
-    tls_options: object = field(default=None, compare=False, repr=False)
-    kind = "upstream"
-
-    @property
-    def display_url(self):
-        return self.url
-
-    @property
-    def host_header(self):
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "wss" else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-    def request_target(self, match, head):
-        """The upstream request path: the template filled in, the client's query appended."""
-        values = dict(match.params, path=head.path, tail=match.tail)
-        target = _fill_template(self.path_template, values) or "/"
-        if not target.startswith("/"):
-            target = "/" + target
-        if head.query:
-            target += ("&" if "?" in target else "?") + head.query
-        return target
-
-    def describe(self):
-        return f"upstream {self.url}"
-
-
-@dataclass(frozen=True)
 class RouteSettings:
     """``[route:NAME]``: which requests it takes and what serves them."""
 
@@ -240,7 +121,6 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 _REQUIRED = object()
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class _Section:
@@ -274,17 +154,6 @@ class _Section:
         if unknown:
             known = ", ".join(sorted(self.used))
             raise self.error(unknown[0], f"unknown key (this section takes: {known})")
-
-
-def _non_empty(text):
-    text = text.strip()
-    if not text:
-        raise ValueError("expected a value, got nothing")
-    return text
-
-
-def _fill_template(template, params):
-    return _PLACEHOLDER.sub(lambda m: params[m.group(1)], template)
 
 
 def load(path):
@@ -353,9 +222,9 @@ def _build(path, parser):
 
 
 def _admin(section):
-    endpoint = section.take("endpoint", _non_empty, AdminSettings.endpoint)
+    endpoint = section.take("endpoint", units.non_empty, AdminSettings.endpoint)
     _check_endpoint(section, endpoint)
-    token = section.take("token", _non_empty, None)
+    token = section.take("token", units.non_empty, None)
     if token is None and not _is_loopback_endpoint(endpoint):
         raise section.error("token", f"is required: the admin endpoint {endpoint} is not "
                             "loopback-only (set interface=127.0.0.1 or a token)")
@@ -393,7 +262,7 @@ def _check_workers(path, core, listeners, routes, brokers):
     if core.workers == 1:
         return
     broker = brokers.get(core.broker) if core.broker else None
-    if any(route.target.kind == "broadcast" for route in routes) and \
+    if any(route.target.needs_shared_broker for route in routes) and \
             (broker is None or broker.type != "redis"):
         raise ConfigError(path, "wsgate", "workers", "workers > 1 with broadcast routes needs "
                           "a Redis broker ([wsgate] broker naming a [broker:NAME] type = redis)")
@@ -418,15 +287,15 @@ def _broker(section, name, base):
     kind = section.take("type", units.choice("memory", "redis"))
     if kind == "memory":
         return BrokerSettings(name, kind)
-    url = section.take("url", _non_empty)
+    url = section.take("url", units.non_empty)
     if not re.match(r"^rediss?://[^/]+(/\d+)?$", url):
         raise section.error("url", f"expected redis://host:port/db or rediss://..., got {url!r}")
-    ca = section.take("ca", _non_empty, None)
+    ca = section.take("ca", units.non_empty, None)
     if ca is not None and not url.startswith("rediss://"):
         raise section.error("ca", "only applies to rediss:// URLs")
     return BrokerSettings(
         name, kind, url=url, prefix=section.take("prefix", str, "wsgate:"),
-        timeout=section.take("timeout", _positive_duration, 2.0),
+        timeout=section.take("timeout", units.positive_duration, 2.0),
         ca=_resolve(base, ca) if ca else None)
 
 
@@ -444,7 +313,7 @@ def _policies(sections, base, brokers, default_broker):
     for section in sections:
         name = section.name.partition(":")[2]
         try:
-            factory = policy_api.resolve_factory(section.take("type", _non_empty), known)
+            factory = policy_api.resolve_factory(section.take("type", units.non_empty), known)
         except policy_api.PolicyConfigError as e:
             raise section.error(e.key, e.message) from None
         mode = section.take("mode", units.choice(*policy_api.MODES), "enforce")
@@ -467,27 +336,27 @@ def _policies(sections, base, brokers, default_broker):
 
 def _core(section):
     return CoreSettings(
-        node_id=section.take("node_id", _non_empty, socket.gethostname()),
+        node_id=section.take("node_id", units.non_empty, socket.gethostname()),
         log_format=section.take("log_format", units.choice("text", "json"), "text"),
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
-        broker=section.take("broker", _non_empty, None),
-        drain_timeout=section.take("drain_timeout", _positive_duration, 30.0),
+        broker=section.take("broker", units.non_empty, None),
+        drain_timeout=section.take("drain_timeout", units.positive_duration, 30.0),
         log_messages=section.take("log_messages", units.parse_bool, False),
         metrics=section.take("metrics", units.parse_bool, True),
         fast_paths=section.take("fast_paths", units.parse_bool, True),
         workers=section.take("workers", _workers, 1),
-        router=section.take("router", _non_empty, "default"),
+        router=section.take("router", units.non_empty, "default"),
     )
 
 
 def _listener(section, name, base):
     from wsgate import tls  # pyOpenSSL; imported when a config is actually loaded
 
-    endpoint = section.take("endpoint", _non_empty)
+    endpoint = section.take("endpoint", units.non_empty)
     _check_endpoint(section, endpoint)
-    cert = section.take("tls_cert", _non_empty, None)
-    key = section.take("tls_key", _non_empty, None)
-    sni_dir = section.take("tls_sni_dir", _non_empty, None)
+    cert = section.take("tls_cert", units.non_empty, None)
+    key = section.take("tls_key", units.non_empty, None)
+    sni_dir = section.take("tls_sni_dir", units.non_empty, None)
     min_version = section.take("tls_min_version", units.choice("1.2", "1.3"), "1.2")
     scheme = endpoint.split(":", 1)[0]
     server_tls = None
@@ -511,9 +380,9 @@ def _listener(section, name, base):
         name=name,
         endpoint=endpoint,
         tls=server_tls,
-        handshake_timeout=section.take("handshake_timeout", _positive_duration, 10.0),
+        handshake_timeout=section.take("handshake_timeout", units.positive_duration, 10.0),
         ping_interval=section.take("ping_interval", units.parse_duration, 30.0),
-        ping_timeout=section.take("ping_timeout", _positive_duration, 10.0),
+        ping_timeout=section.take("ping_timeout", units.positive_duration, 10.0),
         idle_timeout=section.take("idle_timeout", units.parse_duration, 0.0),
         max_message_size=max_message,
         max_frame_size=section.take("max_frame_size", units.parse_size, max_message),
@@ -532,13 +401,6 @@ def _listener(section, name, base):
     if settings.max_frame_size < 1:
         raise section.error("max_frame_size", "expected a size of at least 1 byte")
     return settings
-
-
-def _positive_duration(text):
-    value = units.parse_duration(text)
-    if value <= 0:
-        raise ValueError(f"expected a duration above 0, got {text!r}")
-    return value
 
 
 def _resolve(base, path):
@@ -563,48 +425,6 @@ def _check_endpoint(section, endpoint):
             f"tcp:8080:interface=127.0.0.1, got {endpoint!r} ({detail})") from None
 
 
-_UPSTREAM_AUTHORITY = re.compile(r"^(ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?")
-
-
-def _upstream(section, path):
-    url = section.take("upstream", _non_empty)
-    match = _UPSTREAM_AUTHORITY.match(url)
-    if not match or (len(url) > match.end() and url[match.end()] not in "/{?"):
-        raise section.error("upstream", f"expected ws://host:port/path or wss://..., got {url!r}")
-    scheme, host, port = match.group(1), match.group(2).strip("[]"), match.group(3)
-    port = int(port) if port else (443 if scheme == "wss" else 80)
-    if not 0 < port < 65536:
-        raise section.error("upstream", f"port {port} is out of range")
-    path_template = url[match.end():]
-    allowed = set(path.placeholders) | {"path", "tail"}
-    for placeholder in _PLACEHOLDER.findall(path_template):
-        if placeholder not in allowed:
-            raise section.error(
-                "upstream", f"{{{placeholder}}} is not {{path}}, {{tail}} or a placeholder "
-                f"of path {path.text!r}")
-    if "?" in path_template.split("{", 1)[0] and "{" in path_template.split("?", 1)[1]:
-        raise section.error("upstream", "placeholders belong in the path, not the query")
-    timeout = section.take("upstream_timeout", _positive_duration, 5.0)
-    verify = section.take("upstream_verify", units.parse_bool, True)
-    ca = section.take("upstream_ca", _non_empty, None)
-    forward = section.take("forward_headers", units.parse_list, ())
-    if scheme == "ws" and (ca or not verify):
-        key = "upstream_ca" if ca else "upstream_verify"
-        raise section.error(key, "only applies to wss:// upstreams")
-    tls_options = None
-    if scheme == "wss":
-        from wsgate import tls
-
-        try:
-            tls_options = tls.upstream_tls_options(host, ca, verify)
-        except tls.TLSConfigError as e:
-            raise section.error(e.key, e.message) from None
-    return UpstreamTarget(
-        url=url, scheme=scheme, host=host, port=port, path_template=path_template,
-        timeout=timeout, forward_headers=forward, verify=verify, ca=ca,
-        tls_options=tls_options)
-
-
 def _route(section, name, listener_names, policies, base):
     host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
     path = section.take("path", PathPattern.parse)
@@ -620,39 +440,11 @@ def _route(section, name, listener_names, policies, base):
         if policy not in policies:
             known = ", ".join(sorted(policies)) or "none"
             raise section.error("policies", f"no [policy:{policy}] section (known: {known})")
-    targets = [key for key in ("echo", "broadcast", "upstream", "static")
-               if section.has(key)]
-    if not targets:
-        raise section.error(None, "expected one target: echo = yes, broadcast = CHANNEL, "
-                            "upstream = URL or static = DIR")
-    if len(targets) > 1:
-        raise section.error(targets[1], f"a route has one target; {targets[0]} is set too")
-    kind = targets[0]
-    if kind == "echo":
-        if not section.take("echo", units.parse_bool):
-            raise section.error("echo", "expected yes (set another target to turn echo off)")
-        target = EchoTarget(
-            max_send_buffer=section.take("max_send_buffer", units.parse_size, 1024 * 1024))
-    elif kind == "broadcast":
-        channel = section.take("broadcast", _non_empty)
-        for placeholder in _PLACEHOLDER.findall(channel):
-            if placeholder not in path.placeholders:
-                raise section.error(
-                    "broadcast", f"{{{placeholder}}} is not a placeholder of path "
-                    f"{path.text!r}")
-        target = BroadcastTarget(
-            channel=channel,
-            client_publish=section.take("client_publish", units.parse_bool, True),
-            include_sender=section.take("include_sender", units.parse_bool, False),
-            max_send_buffer=section.take("max_send_buffer", units.parse_size, 1024 * 1024),
-            slow_consumer=section.take("slow_consumer", units.choice("drop", "close"), "drop"),
-        )
-    elif kind == "static":
-        if not path.prefix:
-            raise section.error("path", "a static route needs a /prefix/* path")
-        target = _load_static(section, section.take("static", _non_empty), base)
-    else:
-        target = _upstream(section, path)
+    try:
+        target, keys = targets.build(name, section.items, targets.TargetContext(path, base))
+    except SettingError as e:
+        raise section.error(e.key, e.message) from None
+    section.used.update(keys | {"target"})
     return RouteSettings(
         name=name, host=host, path=path, target=target, listeners=listeners,
         policies=tuple(policies[policy] for policy in chosen),

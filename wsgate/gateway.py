@@ -13,18 +13,18 @@ WebSocket.
 import secrets
 from urllib.parse import parse_qs
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 
-from wsgate import fastpath, forwarding, http, observe, proxy
+from wsgate import fastpath, forwarding, http, observe, targets
 from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
-from wsgate.terminated import build_terminated_protocol, make_websocket_factory
+from wsgate.targets.websocket import make_websocket_factory
 
 _log = Logger()
 
@@ -115,7 +115,7 @@ class Gateway:
         if self.draining or route in self.drained_routes:
             raise http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere", retry,
                                    route=route)
-        if match.route.target.kind == "static":
+        if not match.route.target.websocket:  # static files: plain GET
             if head.method not in ("GET", "HEAD"):
                 raise http.HttpRefusal(405, "bad_handshake", "Method Not Allowed",
                                        [("Allow", "GET, HEAD")], route=route)
@@ -210,19 +210,27 @@ def going_away(connection):
 
 
 class HandshakeProtocol(Protocol):
-    """Reads one upgrade request and turns it into a refusal or a hand-over."""
+    """Reads one upgrade request and turns it into a refusal or a hand-over.
+
+    States, one way only: ``READING`` the request head (bounded in size and
+    by ``handshake_timeout``), ``DECIDING`` (route, policies, then the
+    route's target; bytes that arrive meanwhile are kept, up to a bound),
+    ``DONE`` (refused, handed over, or the client left). Every callback that
+    arrives in ``DONE`` only releases what it holds.
+    """
+
+    READING, DECIDING, DONE = "reading", "deciding", "done"
 
     def __init__(self, gateway, listener):
         self.gateway = gateway
         self.listener = listener
+        self.state = self.READING
         self._buffer = b""
-        self._deciding = False
-        self._done = False
         self._timer = None
         self.client = None
         self._peer_ip = None
-        self._pending = None
-        self._outcome = None
+        self._pending = None  # the Deferred being waited for (policies, target)
+        self._outcome = None  # the policy chain's outcome until a target owns it
         self._head = None  # the parsed request head, once there is one
         self._lines = 0  # line feeds in the head so far (request line + headers + blank)
 
@@ -235,11 +243,11 @@ class HandshakeProtocol(Protocol):
             self.listener.handshake_timeout, self._timed_out)
 
     def dataReceived(self, data):
-        if self._done:
+        if self.state is self.DONE:
             return
         scanned = len(self._buffer)
         self._buffer += data
-        if self._deciding:
+        if self.state is self.DECIDING:
             if len(self._buffer) > _MAX_BUFFER:
                 self._abort()
             return
@@ -248,14 +256,18 @@ class HandshakeProtocol(Protocol):
         end = self._buffer.find(b"\r\n\r\n", max(0, scanned - 3))
         end = -1 if end < 0 else end + 4
         self._lines += data.count(b"\n", 0, len(data) if end < 0 else end - scanned)
-        if end < 0 or end > http.MAX_HEAD_BYTES or self._lines > http.MAX_HEADERS + 2:
-            # The bounds hold however the head is split: an oversize head in
-            # one write is refused like one that trickles in.
-            if len(self._buffer) > http.MAX_HEAD_BYTES and (end < 0 or end > http.MAX_HEAD_BYTES):
-                self._refuse(http.HttpRefusal(431, "bad_handshake", "Request head too large"))
-            elif self._lines > http.MAX_HEADERS + 2:
-                self._refuse(http.HttpRefusal(431, "bad_handshake", "Too many header fields"))
+        if self._lines > http.MAX_HEADERS + 2:
+            self._refuse(http.HttpRefusal(431, "bad_handshake", "Too many header fields"))
             return
+        if end < 0 or end > http.MAX_HEAD_BYTES:
+            # The bound holds however the head is split: an oversize head in
+            # one write is refused like one that trickles in.
+            if len(self._buffer) > http.MAX_HEAD_BYTES:
+                self._refuse(http.HttpRefusal(431, "bad_handshake", "Request head too large"))
+            return
+        self._head_complete(end)
+
+    def _head_complete(self, end):
         # Read the peer only now: behind a PROXY-protocol wrapper it is known
         # once the PROXY header has been parsed, before the HTTP head.
         peer = self.transport.getPeer()
@@ -270,17 +282,22 @@ class HandshakeProtocol(Protocol):
                                                self.listener.trusted_proxies)
         if self.origin.ip != self._peer_ip:
             self.client = self.origin.ip  # the client behind a trusted proxy
-        self._deciding = True
-        d = defer.maybeDeferred(self.gateway.decide, head, self.listener)
-        d.addCallbacks(self._accept, self._refuse_failure, callbackArgs=(head,))
-        d.addErrback(self._internal_error)
+        self.state = self.DECIDING
+        try:
+            match = self.gateway.decide(head, self.listener)
+        except http.HttpRefusal as refusal:
+            self._refuse(refusal)
+        except Exception:
+            self._internal_error(Failure())
+        else:
+            self._run_policies(match, head)
 
     def connectionLost(self, reason):
-        self._done = True
+        self.state = self.DONE
         self._cancel_timer()
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.cancel()  # stop the upstream handshake: the client left
+            pending.cancel()  # stop the policies or the upstream handshake: the client left
         self._release()
 
     def _cancel_timer(self):
@@ -293,17 +310,13 @@ class HandshakeProtocol(Protocol):
         self._abort()
 
     def _abort(self):
-        if not self._done:
-            self._done = True
+        if self.state is not self.DONE:
+            self.state = self.DONE
             self._cancel_timer()
             self.transport.abortConnection()
 
-    def _refuse_failure(self, failure):
-        failure.trap(http.HttpRefusal)
-        self._refuse(failure.value)
-
     def _internal_error(self, failure):
-        _log.failure("wsgate: a router or policy raised while deciding on {client}",
+        _log.failure("wsgate: a router, policy or target raised while deciding on {client}",
                      failure=failure, client=self.client)
         self._refuse(http.HttpRefusal(500, "internal_error", "Internal Server Error"))
 
@@ -313,9 +326,9 @@ class HandshakeProtocol(Protocol):
             outcome.release()
 
     def _refuse(self, refusal):
-        if self._done:
+        if self.state is self.DONE:
             return
-        self._done = True
+        self.state = self.DONE
         self._cancel_timer()
         identity = self._outcome.identity if self._outcome is not None else None
         self._release()
@@ -325,9 +338,26 @@ class HandshakeProtocol(Protocol):
         self.transport.write(http.render_refusal(refusal))
         self.transport.loseConnection()
 
-    def _accept(self, match, head):
-        if self._done:
-            return  # the client left or timed out while we were deciding
+    def _wait(self, d, callback, *args):
+        """Wait for *d* (policies, a target): *callback* with its result, a refusal's
+        answer, or a generic 500 for anything else. *d* may have fired already."""
+        self._pending = d
+        d.addCallback(self._waited, callback, *args)
+        d.addErrback(self._step_failed)
+        d.addErrback(self._internal_error)
+
+    def _waited(self, result, callback, *args):
+        self._pending = None
+        return callback(result, *args)
+
+    def _step_failed(self, failure):
+        self._pending = None
+        if failure.check(defer.CancelledError):
+            return None  # the client left: nothing to answer
+        failure.trap(http.HttpRefusal)
+        self._refuse(failure.value)
+
+    def _run_policies(self, match, head):
         connection = Connection(
             self.gateway.new_conn_id(), match.route.name, self.client, self._started)
         if not match.route.policies:
@@ -338,112 +368,43 @@ class HandshakeProtocol(Protocol):
             client=self.origin.ip, host=strip_port(head.host), path=head.path,
             query=parse_qs(head.query, keep_blank_values=True), params=dict(match.params),
             headers=head)
-        # The chain may fire at once (every built-in policy is synchronous), and
-        # its callbacks reset self._pending: chain on the local Deferred.
-        pending = self._pending = self.gateway.chain(match.route).run(request)
-        pending.addCallbacks(self._policies_passed, self._step_failed,
-                             callbackArgs=(match, head, connection))
-        pending.addErrback(self._internal_error)
+        self._wait(self.gateway.chain(match.route).run(request), self._policies_passed,
+                   match, head, connection)
 
     def _policies_passed(self, outcome, match, head, connection):
-        self._pending = None
-        if self._done:
+        if self.state is self.DONE:
             outcome.release()
             return
         self._outcome = connection.outcome = outcome
         connection.identity = outcome.identity
-        if match.route.target.kind == "upstream":
-            self._open_upstream(match, head, connection, outcome.headers)
+        request = targets.Accepted(self.gateway, self.listener, match, head, connection,
+                                   self.origin, tuple(outcome.headers), self.fast)
+        self._wait(defer.maybeDeferred(match.route.target.accept, request), self._take_over,
+                   match.route.target)
+
+    def _take_over(self, protocol, target):
+        """The target's protocol owns the connection from here (the policies' outcome
+        too), and gets every byte read so far, the request head included."""
+        if self.state is self.DONE:  # the client left or timed out meanwhile
+            protocol.connectionLost(Failure(error.ConnectionDone("the client left")))
             return
-        if match.route.target.kind == "static":
-            self._serve_static(match, head)
-            return
-        self._done = True
+        self.state = self.DONE
         self._cancel_timer()
-        self._outcome = None  # the protocol owns it from here
-        protocol = build_terminated_protocol(self.gateway, self.listener, match, connection,
-                                             self.fast)
-        if self.fast:
-            # echo: request/response, send at once; broadcast: the coalesced
-            # per-iteration write then goes out in one send, no epoll round trip
-            fastpath.immediate_write(self.transport)
-        self._hand_over(protocol)
-
-    def _serve_static(self, match, head):
-        """A static route: the file for the tail, then close (no keep-alive)."""
-        found = match.route.target.lookup(match.tail)
-        if found is None or head.wants_websocket:
-            self._refuse(http.HttpRefusal(404, "no_route", "Not Found", route=match.route.name))
-            return
-        self._done = True
-        self._cancel_timer()
-        self._release()
-        body, ctype = found
-        self.transport.write(http.render_file(body, ctype, head.method == "HEAD"))
-        self.transport.loseConnection()
-
-    def _open_upstream(self, match, head, connection, extra_headers):
-        """Proxy route: the upstream answers first; the client gets its 101 after."""
-        started = self.gateway.clock.seconds()
-        pending = self._pending = proxy.open_upstream(
-            self.gateway, self.listener, match, head, connection, self.origin, extra_headers)
-        pending.addBoth(self._record_upstream_time, match.route.name, started)
-        pending.addCallbacks(self._upstream_ready, self._step_failed,
-                             callbackArgs=(match, connection))
-        pending.addErrback(self._internal_error)
-
-    def _record_upstream_time(self, result, route, started):
-        """Observe how long the upstream took to accept or fail the handshake
-        (``wsgate_upstream_connect_seconds``); not when the client left first."""
-        if not self._done:
-            self.gateway.stats.upstream_connected(
-                route, not isinstance(result, Failure), self.gateway.clock.seconds() - started)
-        return result
-
-    def _step_failed(self, failure):
-        self._pending = None
-        failure.trap(http.HttpRefusal)
-        self._refuse(failure.value)
-
-    def _upstream_ready(self, result, match, connection):
-        self._pending = None
-        upstream_leg, headers, upstream_extra = result
-        if self._done:  # the client left or timed out meanwhile
-            upstream_leg.transport.abortConnection()
-            return
-        self._done = True
-        self._cancel_timer()
-        self._outcome = None  # the relay owns it from here
-        transport, buffered = self.transport, self._buffer
-        head_end = http.find_head_end(buffered)
-        client_extra = buffered[head_end:]
-        self._buffer = b""
-        if self.fast:
-            fastpath.immediate_write(transport)
-            fastpath.mark(upstream_leg.transport)
-            fastpath.immediate_write(upstream_leg.transport)
-        transport.write(proxy.client_response(headers))
-        relay = proxy.Relay(self.gateway, self.listener, match.route, connection,
-                            transport, upstream_leg)
-        self._hand_over(proxy.ClientLeg(relay), replay=False)
-        relay.start(client_extra, upstream_extra)
-
-    def _hand_over(self, protocol, replay=True):
-        """Give the transport to *protocol* and replay what was read so far.
-
-        Same pattern as Autobahn's ``WebSocketResource``: a wrapping transport
-        (TLS, PROXY protocol) delivers to ``wrappedProtocol``, a plain one to
-        ``protocol``.
-        """
+        self._outcome = None
         transport, buffered = self.transport, self._buffer
         self.transport, self._buffer = None, b""
+        if self.fast and target.websocket:
+            # request/response (echo, proxy) sends at once; a coalesced broadcast
+            # write leaves in one send without an epoll round trip
+            fastpath.immediate_write(transport)
+        # Same pattern as Autobahn's WebSocketResource: a wrapping transport (TLS,
+        # PROXY protocol) delivers to wrappedProtocol, a plain one to protocol.
         if isinstance(transport, ProtocolWrapper):
             transport.wrappedProtocol = protocol
         else:
             transport.protocol = protocol
         protocol.makeConnection(transport)
-        if replay:
-            protocol.dataReceived(buffered)
+        protocol.dataReceived(buffered)
 
 
 class GatewayFactory(Factory):

@@ -118,3 +118,91 @@ class IPolicyFactory(Interface):
         config directory, brokers). Raise
         :class:`wsgate.policies.PolicyConfigError` naming the key at fault.
         """
+
+
+class ITarget(Interface):
+    """What serves a route once the route and its policies accepted a request.
+
+    Built-in: ``echo``, ``broadcast``, ``upstream`` (the proxy) and
+    ``static``; plugins add their own (:class:`ITargetFactory`). The gateway
+    has no other knowledge of what a target does: it routes, runs policies,
+    and hands the connection over.
+    """
+
+    type = Attribute("The target type's name (echo, broadcast, upstream, static, a plugin's).")
+    websocket = Attribute(
+        "True: the route takes WebSocket upgrades (validated before the policies run); "
+        "False: plain GET/HEAD requests (static files).")
+    needs_shared_broker = Attribute(
+        "True when its state lives in the broker (broadcast): several worker processes "
+        "then need a Redis broker.")
+
+    def describe():
+        """One line for ``wsgate check``."""
+
+    def accept(request):
+        """Take over an accepted request (a :class:`wsgate.targets.Accepted`).
+
+        Return an ``IProtocol`` that will own the client's connection, or a
+        Deferred firing with one (the proxy answers only once its upstream
+        has). The gateway connects it to the client's transport and hands it
+        every byte read so far, the request head included; if the client left
+        meanwhile it gets ``connectionLost`` instead. Fail with
+        :class:`wsgate.http.HttpRefusal` to answer with an HTTP error. Must
+        not block; the Deferred must be cancellable (the client may leave).
+        """
+
+
+class ITargetFactory(Interface):
+    """Makes targets of one type from a route section (a plugin, found like policies)."""
+
+    name = Attribute("The type's name: a route selects it with ``target = NAME``.")
+    keys = Attribute("The route keys this type reads (besides the routing keys).")
+
+    def __call__(route, settings, context):
+        """Return an :class:`ITarget` for route *route* (its section name).
+
+        *settings* is a :class:`wsgate.settings.Settings` over this type's
+        keys; *context* a :class:`wsgate.targets.TargetContext` (the route's
+        path pattern, the config folder). Raise
+        :class:`wsgate.settings.SettingError` naming the key at fault.
+        """
+
+
+class IWebSocketConnection(Interface):
+    """A terminated WebSocket as an application sees it (wsgate speaks the protocol)."""
+
+    connection = Attribute("Its bookkeeping: ``conn_id``, ``route``, ``client``, ``identity``.")
+    params = Attribute("The route's path placeholders, e.g. ``{'room': 'lobby'}``.")
+    broker = Attribute("The process's :class:`IBroker` (channels shared with other processes).")
+    send_buffer = Attribute(
+        "Its :class:`wsgate.flow.SendBuffer`: ``blocked`` while the client's socket is "
+        "full, ``over_limit`` while the client is not read because ``max_send_buffer`` "
+        "bytes wait behind it.")
+
+    def send(payload, is_binary):
+        """Send one message (counted, subject to per-message policies)."""
+
+    def close_with(code, reason):
+        """Close with any code valid on the wire; *reason* is cut to 123 bytes."""
+
+
+class IWebSocketApp(Interface):
+    """The behaviour of one terminated WebSocket (echo, a broadcast subscriber, a plugin's).
+
+    wsgate speaks the protocol, enforces the listener's and route's limits and
+    runs the per-message policies; the app only sees whole messages.
+    Everything it sends goes through the connection's send buffer, so a
+    client that does not read stops being read (no app can pile up output).
+    """
+
+    max_send_buffer = Attribute("Unsent bytes beyond which the client is not read.")
+
+    def opened(connection):
+        """*connection* (an :class:`IWebSocketConnection`) is open."""
+
+    def message(connection, payload, is_binary):
+        """One whole message from the client."""
+
+    def closed(connection):
+        """The connection ended (once, whoever closed it)."""

@@ -163,7 +163,7 @@ class GatewayCollector:
         yield _counter("wsgate_upstream_errors_total", "Upstream failures", ["route", "kind"],
                        stats.upstream_errors)
         broadcast = {route.name for route in gateway.config.routes
-                     if route.target.kind == "broadcast"}
+                     if route.target.type == "broadcast"}
         yield _counter("wsgate_broadcast_deliveries_total", "Broadcast messages delivered",
                        ["route"], {(r,): n for (r, d), n in messages.items()
                                    if d == "out" and r in broadcast})

@@ -208,23 +208,11 @@ class DefaultRouterFactory:
 
 
 def resolve_router_factory(name):
-    """The IRouterFactory for ``router = NAME`` (a plugin) or ``package.module:factory``."""
-    import importlib
+    """The IRouterFactory for ``router = NAME`` (a plugin) or ``package.module:factory``;
+    ``ValueError`` naming the known routers otherwise."""
+    from wsgate import discovery
 
-    from twisted.plugin import getPlugins
-
-    import wsgate.plugins
-
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import {name}: {e}") from None
-    known = {factory.name: factory for factory in getPlugins(IRouterFactory, wsgate.plugins)}
-    if name not in known:
-        raise ValueError(f"unknown router {name!r} (known: {', '.join(sorted(known))})")
-    return known[name]
+    return discovery.find(IRouterFactory, name, "router")
 
 
 def build_router(config):

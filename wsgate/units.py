@@ -37,6 +37,14 @@ def parse_duration(text):
     return value
 
 
+def positive_duration(text):
+    """A duration above 0 (:func:`parse_duration`)."""
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"expected a duration above 0, got {text!r}")
+    return value
+
+
 def parse_size(text):
     """``64KiB``, ``1MiB``, ``1GiB`` or a bare number of bytes → int bytes."""
     match = _SIZE.match(text)
@@ -112,3 +120,24 @@ def format_size(size):
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)
+
+
+def non_empty(text):
+    """Any text but blank → the text without surrounding spaces."""
+    text = text.strip()
+    if not text:
+        raise ValueError("expected a value, got nothing")
+    return text
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def placeholders(template):
+    """The ``{name}`` placeholders of a template (a channel or an upstream URL)."""
+    return _PLACEHOLDER.findall(template)
+
+
+def fill_template(template, values):
+    """*template* with each ``{name}`` replaced by ``values[name]``."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

@@ -1,5 +1,5 @@
-"""The built-in policy types and router, offered through the same plugin discovery as
-third-party ones."""
+"""The built-in policy types, router and route targets, offered through the same plugin
+discovery as third-party ones."""
 
 from wsgate.policies.apikey import apikey
 from wsgate.policies.connlimit import connlimit
@@ -8,8 +8,12 @@ from wsgate.policies.jwtauth import jwt_type
 from wsgate.policies.origin import origin
 from wsgate.policies.ratelimit import ratelimit
 from wsgate.routing import DefaultRouterFactory
+from wsgate.targets.broadcast import broadcast
+from wsgate.targets.echo import echo
+from wsgate.targets.proxy import proxy
+from wsgate.targets.static import static
 
 default_router = DefaultRouterFactory()
 
 __all__ = ["apikey", "jwt_type", "ratelimit", "firewall", "origin", "connlimit",
-           "default_router"]
+           "default_router", "echo", "broadcast", "proxy", "static"]

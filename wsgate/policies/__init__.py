@@ -7,27 +7,23 @@ or deny with an HTTP status. ``mode = shadow`` policies are run, and what they
 would deny is logged and counted, but allowed.
 """
 
-import importlib
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.plugin import IPlugin, getPlugins
+from twisted.plugin import IPlugin
 
-from wsgate import http, observe
+from wsgate import discovery, http, observe
 from wsgate.interfaces import IPolicyFactory
+from wsgate.settings import SettingError
 
 _log = Logger()
 
 MODES = ("enforce", "shadow")
 
 
-class PolicyConfigError(Exception):
-    """A policy section problem; *key* is the config key at fault."""
-
-    def __init__(self, key, message):
-        super().__init__(message)
-        self.key, self.message = key, message
+# A policy section problem; *key* is the config key at fault (the name plugins know).
+PolicyConfigError = SettingError
 
 
 @dataclass
@@ -266,27 +262,16 @@ def apply_sessions(sessions, direction, is_binary, size):
 
 
 def discovered_factories():
-    """``{type name: factory}`` for every IPolicyFactory plugin in wsgate.plugins."""
-    import wsgate.plugins
-
-    return {factory.name: factory for factory in getPlugins(IPolicyFactory, wsgate.plugins)}
+    """``{type name: factory}`` for every IPolicyFactory plugin."""
+    return discovery.plugins(IPolicyFactory)
 
 
 def resolve_factory(type_name, known=None):
     """The factory for ``type = NAME`` or ``type = package.module:Class``."""
-    if ":" in type_name:
-        module_name, _, attr = type_name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            factory = getattr(module, attr)
-        except (ImportError, AttributeError) as e:
-            raise PolicyConfigError("type", f"cannot import {type_name}: {e}") from None
-        return factory
-    known = discovered_factories() if known is None else known
-    if type_name not in known:
-        raise PolicyConfigError(
-            "type", f"unknown policy type {type_name!r} (known: {', '.join(sorted(known))})")
-    return known[type_name]
+    try:
+        return discovery.find(IPolicyFactory, type_name, "policy type", known)
+    except ValueError as e:
+        raise PolicyConfigError("type", str(e)) from None
 
 
 __all__ = ["Allow", "Deny", "Close", "DROP", "UpgradeRequest", "PolicyChain", "PolicyContext",

@@ -2,33 +2,11 @@
 
 from zope.interface import implementer
 
-from wsgate import units
-from wsgate.interfaces import IPolicyFactory
-from wsgate.policies import PolicyConfigError
 from twisted.plugin import IPlugin
 
-_REQUIRED = object()
-
-
-class Settings:
-    """A policy section's raw keys, handed out typed; errors name the key."""
-
-    def __init__(self, raw):
-        self.raw = dict(raw)
-
-    def get(self, key, parse=str, default=_REQUIRED):
-        if key not in self.raw:
-            if default is _REQUIRED:
-                raise PolicyConfigError(key, "is required")
-            return default
-        try:
-            return parse(self.raw[key])
-        except ValueError as e:
-            raise PolicyConfigError(key, str(e)) from None
-
-    def has(self, key):
-        return key in self.raw
-
+from wsgate import units
+from wsgate.interfaces import IPolicyFactory
+from wsgate.settings import Settings
 
 def parse_rate(text):
     """``10/s``, ``100/m``, ``1000/h`` → (count, per-second rate)."""

@@ -56,7 +56,7 @@ class LocalFanout:
     def count(self, channel):
         return len(self._channels.get(channel, ()))
 
-    def deliver(self, channel, message):
+    def fan_out(self, channel, message):
         """Hand *message* to every local subscriber of *channel*; return how many."""
         # A snapshot: a delivery may close a subscriber, which unsubscribes it.
         subscribers = self._snapshots.get(channel)

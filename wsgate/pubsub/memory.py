@@ -23,4 +23,4 @@ class MemoryBroker:
         self.local.remove(channel, subscriber)
 
     def publish(self, channel, message):
-        return defer.succeed(self.local.deliver(channel, message))
+        return defer.succeed(self.local.fan_out(channel, message))

@@ -305,7 +305,7 @@ class RedisBroker(MultiService):
         if not channel.startswith(self.prefix):
             return
         name = channel[len(self.prefix):].decode("utf-8", "replace")
-        self.stats["delivered"] += self.local.deliver(name, decode(data))
+        self.stats["delivered"] += self.local.fan_out(name, decode(data))
 
     @staticmethod
     def _log_failure(failure, command, channel):

@@ -1,15 +1,6 @@
-"""Proxy routes: the upstream-first handshake and the frame-aware splice relay.
+"""The frame-aware splice between a client and its upstream WebSocket (proxy routes).
 
-Handshake: the gateway sends the upstream its own upgrade request carrying the
-client's key, subprotocols and (when the listener allows compression)
-extension offers plus the forwarded headers, and answers the client only once
-the upstream has answered: its 101 (subprotocol, extensions, Accept) goes to
-the client unchanged, except that a permessage-deflate answer gains
-``client_no_context_takeover`` (see :func:`client_response`); a refused,
-unreachable or slow upstream is a 503, an upstream that answers with an HTTP
-error or breaks the handshake is a 502.
-
-Relay: bytes pass unchanged both ways while :class:`wsgate.frames.FrameScanner`
+Bytes pass unchanged both ways while :class:`wsgate.frames.FrameScanner`
 reads frame headers (message counts, the client's limits, close codes, frame
 boundaries). The gateway injects its own control frames only at frame
 boundaries: keepalive pings (their pongs are swallowed), 1001 to the upstream
@@ -18,263 +9,18 @@ when the client is gone, 1014 to the client when the upstream is lost, 1009,
 streaming producer (backpressure).
 """
 
-import base64
-import hashlib
 import os
 
-from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from wsgate import fastpath, frames, http
-from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
+from wsgate import fastpath, frames
 from wsgate.flow import ControlFrameRate
 from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.policies import DROP, apply_sessions
-from wsgate.terminated import log_message
+from wsgate.targets.websocket import log_message
 
-_log = Logger()
-
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CLOSE_TIMEOUT = 5.0
-RETRY_AFTER_SECONDS = 5
-
-
-def accept_value(key):
-    return base64.b64encode(hashlib.sha1(key.strip().encode() + _WS_GUID).digest()).decode()
-
-
-# --------------------------------------------------------------------- handshake
-
-
-class UpstreamUnavailable(Exception):
-    """The upstream could not be reached in time (→ 503)."""
-
-
-class UpstreamRejected(Exception):
-    """The upstream answered, but not with a usable 101 (→ 502)."""
-
-
-def upstream_request(target, match, head, connection, origin, listener, extra_headers=()):
-    """The bytes of the upgrade request the upstream gets."""
-    path = target.request_target(match, head)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {target.host_header}",
-             "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {head.get('sec-websocket-key').strip()}",
-             "Sec-WebSocket-Version: 13"]
-    protocols = head.get_all("sec-websocket-protocol")
-    if protocols:
-        lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
-    extensions = head.get_all("sec-websocket-extensions")
-    if extensions and listener.compression:
-        lines.append("Sec-WebSocket-Extensions: " + ", ".join(extensions))
-    for name, value in forwarded_headers(origin, head, connection.conn_id, listener.is_tls,
-                                         target.forward_headers):
-        lines.append(f"{name}: {value}")
-    for name, value in extra_headers:  # from policies (e.g. the JWT identity)
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-class UpstreamLeg(Protocol):
-    """The gateway's client connection to the upstream: handshake, then relay."""
-
-    def __init__(self, request, ready):
-        self.request = request
-        self.ready = ready  # fires with (self, status line, headers, extra bytes)
-        self.relay = None
-        self.headers = []  # the upstream's response headers
-        self._buffer = b""
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        if self.relay is not None:
-            self.relay.from_upstream(data)
-            return
-        self._buffer += data
-        end = http.find_head_end(self._buffer)
-        if end < 0:
-            if len(self._buffer) > http.MAX_HEAD_BYTES:
-                self._fail(UpstreamRejected("response head too large"))
-            return
-        head, extra = self._buffer[:end], self._buffer[end:]
-        self._buffer = b""
-        lines = head.decode("latin-1")[:-4].split("\r\n")
-        parts = lines[0].split(" ", 2)
-        try:
-            status = int(parts[1])
-        except (IndexError, ValueError):
-            self._fail(UpstreamRejected("malformed response"))
-            return
-        headers = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers.append((name.strip(), value.strip()))
-        self.headers = headers
-        if not self.ready.called:
-            self.ready.callback((self, status, headers, extra))
-
-    def _fail(self, exc):
-        if not self.ready.called:
-            self.ready.errback(exc)
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason):
-        if self.relay is not None:
-            self.relay.upstream_lost()
-        elif not self.ready.called:
-            self.ready.errback(UpstreamRejected(_lost_reason(reason)))
-
-
-def _lost_reason(reason):
-    value = reason.value
-    module = type(value).__module__
-    if module.startswith(("OpenSSL", "service_identity")):
-        return f"TLS verification failed: {value}"
-    if isinstance(value, error.ConnectionDone):
-        return "closed the connection without answering"
-    return f"connection lost before answering: {value}"
-
-
-def open_upstream(gateway, listener, match, head, connection, origin, extra_headers=()):
-    """Connect and upgrade to the route's upstream before the client gets its 101.
-
-    Returns a cancellable Deferred firing with ``(leg, response headers, extra
-    bytes)`` or failing with :class:`wsgate.http.HttpRefusal` (503 or 502).
-    Cancelling (the client left) closes whatever was opened.
-    """
-    target = match.route.target
-    clock = gateway.clock
-    endpoint = HostnameEndpoint(gateway.reactor, target.host, target.port,
-                                timeout=max(1, int(target.timeout + 0.999)))
-    if target.tls_options is not None:
-        endpoint = wrapClientTLS(target.tls_options, endpoint)
-    state = {}
-
-    def give_up(reason):
-        leg = state["leg"]
-        if leg.transport is not None:
-            leg.transport.abortConnection()
-        if not state["connecting"].called:
-            state["connecting"].cancel()
-        if not ready.called:
-            ready.errback(UpstreamUnavailable(reason))
-
-    ready = defer.Deferred(lambda d: give_up("the client left"))
-    leg = state["leg"] = UpstreamLeg(
-        upstream_request(target, match, head, connection, origin, listener, extra_headers),
-        ready)
-    factory = Factory.forProtocol(lambda: leg)
-    factory.noisy = False
-    connecting = state["connecting"] = endpoint.connect(factory)
-
-    def connect_failed(failure):
-        if not ready.called:
-            ready.errback(UpstreamUnavailable(failure.getErrorMessage()))
-    connecting.addErrback(connect_failed)
-    timer = clock.callLater(target.timeout, give_up, "timed out")
-
-    def cancel_timer(result):
-        if timer.active():
-            timer.cancel()
-        return result
-    ready.addBoth(cancel_timer)
-    ready.addCallback(_check_response, head, target)
-    ready.addErrback(_as_refusal, target, match.route.name)
-    return ready
-
-
-def _check_response(result, head, target):
-    leg, status, headers, extra = result
-    if status != 101:
-        leg.transport.abortConnection()
-        raise UpstreamRejected(f"answered {status} instead of 101")
-    by_name = {}
-    for name, value in headers:
-        by_name.setdefault(name.lower(), []).append(value)
-    accept = by_name.get("sec-websocket-accept", [""])[0]
-    if accept != accept_value(head.get("sec-websocket-key")):
-        leg.transport.abortConnection()
-        raise UpstreamRejected("answered with a wrong Sec-WebSocket-Accept")
-    offered = {p.strip() for value in head.get_all("sec-websocket-protocol")
-               for p in value.split(",") if p.strip()}
-    chosen = by_name.get("sec-websocket-protocol", [None])[0]
-    if chosen is not None and chosen not in offered:
-        leg.transport.abortConnection()
-        raise UpstreamRejected(f"chose subprotocol {chosen!r} the client did not offer")
-    return leg, headers, extra
-
-
-def _as_refusal(failure, target, route_name):
-    if failure.check(http.HttpRefusal):
-        return failure
-    if failure.check(UpstreamUnavailable, defer.CancelledError):
-        _log.warn("wsgate: upstream {url} unreachable for route {route}: {why}",
-                  url=target.display_url, route=route_name, why=failure.getErrorMessage())
-        refusal = http.HttpRefusal(503, "upstream_unreachable", "Upstream unavailable",
-                                   [("Retry-After", str(RETRY_AFTER_SECONDS))],
-                                   route=route_name)
-    elif failure.check(UpstreamRejected):
-        _log.warn("wsgate: upstream {url} rejected the upgrade for route {route}: {why}",
-                  url=target.display_url, route=route_name, why=failure.getErrorMessage())
-        refusal = http.HttpRefusal(502, "upstream_rejected", "Bad Gateway", route=route_name)
-    else:
-        return failure
-    raise refusal
-
-
-def _extension_params(extension):
-    """``"permessage-deflate; client_max_window_bits=10"`` → its parameters, name first."""
-    return [param.strip() for param in extension.split(";")]
-
-
-def deflate_negotiated(headers):
-    """Whether the upstream's 101 *headers* accept permessage-deflate."""
-    return any(_extension_params(extension)[0].lower() == "permessage-deflate"
-               for name, value in headers if name.lower() == "sec-websocket-extensions"
-               for extension in value.split(","))
-
-
-def _without_client_context(value):
-    """A ``Sec-WebSocket-Extensions`` response value whose permessage-deflate carries
-    ``client_no_context_takeover`` (other extensions unchanged)."""
-    extensions = []
-    for extension in value.split(","):
-        params = _extension_params(extension)
-        if params[0].lower() == "permessage-deflate" and \
-                "client_no_context_takeover" not in (param.lower() for param in params[1:]):
-            extension = "; ".join(params + ["client_no_context_takeover"])
-        extensions.append(extension.strip())
-    return ", ".join(extensions)
-
-
-def client_response(headers):
-    """The 101 for the client, built from the upstream's 101 (hop-by-hop headers dropped).
-
-    With permessage-deflate, ``client_no_context_takeover`` is added: a server
-    may add it to any offer (RFC 7692 §7.1.1.1), and it makes every client
-    message a DEFLATE stream of its own, so the relay can hold
-    ``max_message_size`` on its inflated size with a short-lived decompressor
-    (:class:`wsgate.frames.InflateLimit`). The upstream, whose decompressor
-    keeps its context, reads such messages as they are.
-    """
-    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade"]
-    for name, value in headers:
-        if name.lower() in HOP_BY_HOP:
-            continue
-        if name.lower() == "sec-websocket-extensions":
-            value = _without_client_context(value)
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-# --------------------------------------------------------------------- relay
 
 
 @implementer(IPushProducer)
@@ -354,19 +100,6 @@ class _Leg:
         return first[0], first[1], None if reply is None else reply[0]
 
 
-class ClientLeg(Protocol):
-    """The client's transport after the 101: everything goes to the relay."""
-
-    def __init__(self, relay):
-        self.relay = relay
-
-    def dataReceived(self, data):
-        self.relay.from_client(data)
-
-    def connectionLost(self, reason):
-        self.relay.client_lost()
-
-
 def _message_hook(connection, sessions, direction, log_messages):
     """The scanner's per-message callback: policies' sessions and ``log_messages``
     (None when neither is configured: the message path stays free of calls)."""
@@ -405,7 +138,8 @@ class Relay:
     ``loseConnection`` waits for its producer.
     """
 
-    def __init__(self, gateway, listener, route, connection, client_transport, upstream_leg):
+    def __init__(self, gateway, listener, route, connection, client_transport, upstream_leg,
+                 compressed=False):
         self.gateway = gateway
         self.clock = gateway.clock
         self.connection = connection
@@ -413,7 +147,7 @@ class Relay:
         limit = route.max_message_size or listener.max_message_size
         sessions = connection.outcome.sessions if connection.outcome is not None else ()
         log_messages = gateway.config.core.log_messages
-        inflate = frames.InflateLimit(limit) if deflate_negotiated(upstream_leg.headers) else None
+        inflate = frames.InflateLimit(limit) if compressed else None
         self.client = _Leg("client", client_transport, frames.FrameScanner(
             limit, _message_hook(connection, sessions, "in", log_messages),
             max_fragments=listener.max_fragments,

@@ -1,0 +1,215 @@
+"""``broadcast = CHANNEL``: the connection joins a pub/sub channel (a terminated route).
+
+Every connection is a :class:`BroadcastSubscriber` of its channel on the
+process's broker (:mod:`wsgate.pubsub`): what the broker delivers is sent
+to the client, and what the client sends is published (``client_publish``).
+"""
+
+from collections import deque
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from wsgate import units
+from wsgate.fastpath_autobahn import FastTerminatedProtocol
+from wsgate.interfaces import ISubscriber, IWebSocketApp
+from wsgate.pubsub import Message
+from wsgate.settings import SettingError
+from wsgate.units import fill_template, placeholders
+from wsgate.targets import TargetType
+from wsgate.targets.websocket import ApplicationTarget
+
+_log = Logger()
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@implementer(ISubscriber, IPushProducer, IWebSocketApp)
+class BroadcastSubscriber:
+    """A subscriber of one channel; publishes what its client sends (if allowed).
+
+    Slow consumers: the protocol's :class:`wsgate.flow.SendBuffer` tells the
+    session when the socket's write buffer is full (``pauseProducing``). While paused, deliveries wait in a queue bounded by
+    the route's ``max_send_buffer`` bytes; past that the route's
+    ``slow_consumer`` applies: ``drop`` the message for this subscriber
+    (counted) or ``close`` it with 1013. Fan-out never waits for anyone.
+
+    Coalescing (wsgate's fast protocol, ``fast_paths = yes``): deliveries are
+    pre-framed bytes collected in ``pending`` and written once per reactor
+    iteration by :meth:`flush` (see :mod:`wsgate.coalesce`). ``direct`` says
+    that a delivery may skip every per-message check and go straight to
+    ``pending``: no per-message policy, no message log, no compression, not
+    paused, nothing queued. Queued bytes are written only while the
+    connection is open, so nothing follows a close frame.
+    """
+
+    def __init__(self, broker, channel, target, node_id, stats, route, flusher=None):
+        # target: the route's BroadcastTarget (client_publish, include_sender,
+        # max_send_buffer, slow_consumer); flusher: the gateway's IterationFlusher
+        # when deliveries are coalesced (fast_paths), else None
+        self.broker = broker
+        self.channel = channel
+        self.target = target
+        self.node_id = node_id
+        self.stats, self.route = stats, route
+        self.flusher = flusher
+        self.protocol = None  # the IWebSocketConnection, once open
+        self.conn_id = None
+        self.paused = False
+        self.queue = deque()
+        self.queued_bytes = 0
+        self.pending = []
+        self.pending_bytes = 0
+        self.may_be_direct = False
+        self.direct = False
+
+    @property
+    def max_send_buffer(self):
+        return self.target.max_send_buffer
+
+    def opened(self, protocol):
+        self.protocol = protocol
+        self.conn_id = protocol.connection.conn_id
+        self.may_be_direct = (
+            self.flusher is not None and isinstance(protocol, FastTerminatedProtocol)
+            and not protocol.policy_sessions and not protocol.log_messages
+            and protocol._perMessageCompress is None)
+        self.direct = self.may_be_direct
+        protocol.send_buffer.listener = self  # told when the client's socket is full
+        self.broker.subscribe(self.channel, self)
+
+    def message(self, protocol, payload, is_binary):
+        if not self.target.client_publish:
+            protocol.close_with(CLOSE_POLICY_VIOLATION, "publishing is not allowed here")
+            return
+        message = Message(payload, is_binary, self.node_id, self.conn_id)
+        d = self.broker.publish(self.channel, message)
+        d.addErrback(self._publish_failed, protocol)
+
+    def _publish_failed(self, failure, protocol):
+        _log.warn("wsgate: publish to {channel} failed: {error}", channel=self.channel,
+                  error=failure.getErrorMessage())
+        self.stats.drop(self.route, "broker_down")
+        protocol.close_with(CLOSE_TRY_AGAIN_LATER, "broker unavailable")
+
+    def deliver(self, message, prepared):
+        if message.origin_conn == self.conn_id and not self.target.include_sender:
+            return
+        if self.direct:  # the hot path, 1,000s per message: enqueue() inlined
+            if not self.pending:
+                self.flusher.mark(self)
+            self.pending.append(prepared.payloadHybi)
+            self.pending_bytes += len(message.payload)
+            return
+        size = len(message.payload)
+        if not self.paused and not self.queue:
+            self.protocol.send_prepared(prepared, size, message.is_binary)
+            return
+        if self.queued_bytes + size > self.target.max_send_buffer:
+            self._too_slow()
+            return
+        self.queue.append((prepared, size, message.is_binary))
+        self.queued_bytes += size
+
+    def enqueue(self, frame, size):
+        """Coalesce one pre-framed delivery (the fast protocol's ``send_prepared``)."""
+        if not self.pending:
+            self.flusher.mark(self)
+        self.pending.append(frame)
+        self.pending_bytes += size
+
+    def flush(self):
+        """Write the pending frames in one write, counted, if the connection is still open."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        size, self.pending_bytes = self.pending_bytes, 0
+        protocol = self.protocol
+        if protocol.state != protocol.STATE_OPEN:
+            return  # closing: no data frame may follow the close frame
+        connection = protocol.connection
+        connection.messages_out += len(pending)
+        connection.bytes_out += size
+        protocol.idle.touch()
+        protocol.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        protocol.send_buffer.wrote(size)
+
+    def _too_slow(self):
+        if self.target.slow_consumer == "drop":
+            self.stats.drop(self.route, "slow_consumer")
+            return
+        if self.protocol.state == self.protocol.STATE_OPEN:
+            self.stats.drop(self.route, "slow_consumer_closed")
+            self.queue.clear()
+            self.queued_bytes = 0
+            self.protocol.close_with(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+
+    # IPushProducer: Twisted's verdict on the socket's write buffer
+
+    def pauseProducing(self):
+        self.paused = True
+        self.direct = False
+
+    def resumeProducing(self):
+        self.paused = False
+        while self.queue and not self.paused:
+            prepared, size, is_binary = self.queue.popleft()
+            self.queued_bytes -= size
+            self.protocol.send_prepared(prepared, size, is_binary)
+        self.direct = self.may_be_direct and not self.paused and not self.queue
+
+    def stopProducing(self):
+        self.direct = self.may_be_direct = False
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.pending = []
+        self.pending_bytes = 0
+
+    def closed(self, protocol):
+        self.broker.unsubscribe(self.channel, self)
+        self.stopProducing()
+
+
+class BroadcastTarget(ApplicationTarget):
+    """The channel template and the subscribers' settings of one broadcast route."""
+
+    def __init__(self, channel, client_publish=True, include_sender=False,
+                 max_send_buffer=1024 * 1024, slow_consumer="drop"):
+        super().__init__("broadcast", f"broadcast {channel}", self._subscriber,
+                         needs_shared_broker=True, max_send_buffer=max_send_buffer)
+        self.channel = channel
+        self.client_publish = client_publish
+        self.include_sender = include_sender
+        self.slow_consumer = slow_consumer
+
+    def channel_for(self, params):
+        """The channel of a request whose path placeholders are *params*."""
+        return fill_template(self.channel, params)
+
+    def _subscriber(self, request):
+        gateway = request.gateway
+        return BroadcastSubscriber(
+            gateway.broker, self.channel_for(request.match.params), self, gateway.node_id,
+            gateway.stats, request.route.name, flusher=gateway.flusher if request.fast else None)
+
+
+def build(route, settings, context):
+    channel = settings.get("broadcast", units.non_empty)
+    for placeholder in placeholders(channel):
+        if placeholder not in context.path.placeholders:
+            raise SettingError("broadcast", f"{{{placeholder}}} is not a placeholder of path "
+                               f"{context.path.text!r}")
+    return BroadcastTarget(
+        channel=channel,
+        client_publish=settings.get("client_publish", units.parse_bool, True),
+        include_sender=settings.get("include_sender", units.parse_bool, False),
+        max_send_buffer=settings.get("max_send_buffer", units.parse_size, 1024 * 1024),
+        slow_consumer=settings.get("slow_consumer", units.choice("drop", "close"), "drop"),
+    )
+
+
+broadcast = TargetType("broadcast", ("broadcast", "client_publish", "include_sender",
+                                     "max_send_buffer", "slow_consumer"), build)
