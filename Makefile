@@ -2,6 +2,7 @@
 #
 #   make run          create .venv, install wsgate into it, run etc/wsgate.ini
 #   make test         the whole test suite (installs the test peers first)
+#   make lint         ruff over the tree, mypy over the hinted modules (pyproject.toml)
 #   make conformance  the full Autobahn testsuite (all cases; echo, proxy, TLS proxy: ~50 min)
 #                     + README summary
 #   make bench        the benchmark suite (~25 min; bench/run.py --quick: ~3 min)
@@ -12,9 +13,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+LINT_STAMP := $(VENV)/.lint-stamp
 SOURCES := setup.cfg pyproject.toml $(shell find wsgate twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test conformance peers clean deb deb-test bench
+.PHONY: run test lint conformance peers clean deb deb-test bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,12 @@ $(BIN)/python:
 # Installed non-editably, as a user would; reinstalled when a source changes.
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/pip install -q '.[test]'
+	touch $@
+
+# The `lint` extra, beside wsgate's dependencies (mypy reads their types);
+# reinstalled when the packaging files change. `make test` is not needed first.
+$(LINT_STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q '.[lint]'
 	touch $@
 
 run: $(STAMP)
@@ -37,6 +45,11 @@ test: $(STAMP) peers
 	$(BIN)/pytest -q -p no:cacheprovider tests
 	WSGATE_TEST_FAST_PATHS=no $(BIN)/pytest -q -p no:cacheprovider \
 	    tests/test_wire.py tests/test_proxy.py tests/test_conformance.py
+
+# Both run, so that one's findings do not hide the other's; caches go in the venv.
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check --output-format concise --cache-dir $(VENV)/.ruff_cache .; \
+	    ruff=$$?; $(BIN)/mypy --cache-dir $(VENV)/.mypy_cache && exit $$ruff
 
 # Targets echo, proxy and proxy-tls; both verdicts (behavior, behaviorClose) counted.
 conformance: $(STAMP) peers

@@ -239,7 +239,7 @@ def _listen_queues():
 def test_with_backlog_sets_the_listen_queue_of_endpoints_that_have_one():
     from twisted.internet import endpoints, reactor
 
-    from wsgate.service import with_backlog
+    from wsgate.startup import with_backlog
 
     for text in ("tcp:0:interface=127.0.0.1", "haproxy:tcp:0", "unix:/tmp/x.sock"):
         endpoint = endpoints.serverFromString(reactor, with_backlog(text, 777))

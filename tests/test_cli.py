@@ -795,7 +795,7 @@ def test_admin_bad_arguments_are_usage_errors(scratch, args, message):
 
 
 def test_parse_target_defaults_ports_and_keeps_the_query():
-    from wsgate.cli_connect import parse_target
+    from wsgate.cli.connect import parse_target
 
     assert parse_target("ws://example.com/a?b=1").port == 80
     assert parse_target("ws://example.com/a?b=1").resource == "/a?b=1"
@@ -808,7 +808,7 @@ def test_parse_target_defaults_ports_and_keeps_the_query():
 
 
 def test_repeated_headers_are_joined_and_host_agent_origin_are_separate():
-    from wsgate.cli_connect import ConnectOptions, parse_header, parse_target
+    from wsgate.cli.connect import ConnectOptions, parse_header, parse_target
 
     headers = tuple(parse_header(text) for text in (
         "X-A: 1", "x-a: 2", "Host: h.example", "User-Agent: me/1", "Origin: https://o"))
@@ -819,7 +819,7 @@ def test_repeated_headers_are_joined_and_host_agent_origin_are_separate():
 
 
 def test_describe_binary_shows_hex_up_to_64_bytes():
-    from wsgate.cli_connect import describe_binary
+    from wsgate.cli.connect import describe_binary
 
     assert describe_binary(b"") == "<binary 0 bytes>"
     assert describe_binary(b"\x00") == "<binary 1 byte: 00>"
@@ -828,14 +828,14 @@ def test_describe_binary_shows_hex_up_to_64_bytes():
 
 
 def test_dechunk_waits_for_the_last_chunk():
-    from wsgate.cli_connect import _dechunk
+    from wsgate.cli.connect import _dechunk
 
     assert _dechunk(b"5\r\nhello\r\n") is None
     assert _dechunk(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n") == b"hello world"
 
 
 def test_refusal_lines_show_status_body_and_useful_headers():
-    from wsgate.cli_connect import Refusal
+    from wsgate.cli.connect import Refusal
 
     refusal = Refusal(429, "Too Many Requests", {"retry-after": "5"}, b"slow down\n")
     assert refusal.lines() == ["handshake refused: 429 slow down", "  Retry-After: 5"]
@@ -846,7 +846,7 @@ def test_refusal_lines_show_status_body_and_useful_headers():
 def test_publish_message_from_stdin_drops_one_line_ending():
     import io
 
-    from wsgate.cli_admin import message_from
+    from wsgate.cli.admin import message_from
 
     assert message_from("hi", None, False) == b"hi"
     assert message_from("-", io.BytesIO(b"a\nb\n\n"), False) == b"a\nb\n"
@@ -857,7 +857,7 @@ def test_publish_message_from_stdin_drops_one_line_ending():
 
 
 def test_admin_requests_quote_channel_and_id():
-    from wsgate.cli_admin import kick_request, publish_request
+    from wsgate.cli.admin import kick_request, publish_request
 
     request = publish_request("http://a:1/", "room:a b/c", b"m")
     assert request.url == "http://a:1/publish/room:a%20b%2Fc"

@@ -197,7 +197,7 @@ class Connections(_Base):
             code = int(args.get(b"code", [b"1008"])[0])
         except ValueError:
             code = -1
-        if code not in (1000, 1001, 1008) and not 3000 <= code <= 4999:
+        if not frames.kick_code(code):
             return _json(request, 400, {"error": "code must be 1000, 1001, 1008 or 3000-4999"})
         # cut to 123 bytes on a character boundary where the close frame is written
         reason = args.get(b"reason", [b"kicked by admin"])[0].decode("utf-8", "replace")

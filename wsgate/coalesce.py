@@ -21,24 +21,37 @@ pending bytes (see ``BroadcastSession``) and keep these promises:
   buffered by Twisted, which pauses the registered producer as usual.
 """
 
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+class Flushable(Protocol):
+    """What :class:`IterationFlusher` flushes: an object that holds pending bytes."""
+
+    def flush(self) -> None:
+        """Write the pending bytes (none left afterwards); called once per mark."""
+
 
 class IterationFlusher:
     """Calls ``flush()`` once, early in the next reactor iteration, on each object marked."""
 
     __slots__ = ("_clock", "_dirty", "_call")
 
-    def __init__(self, clock):
+    def __init__(self, clock: IReactorTime):
         self._clock = clock
-        self._dirty = []
-        self._call = None
+        self._dirty: list[Flushable] = []
+        self._call: IDelayedCall | None = None
 
-    def mark(self, flushable):
+    def mark(self, flushable: Flushable) -> None:
         """Flush *flushable* soon. Mark it only when its pending bytes go from none to some."""
         self._dirty.append(flushable)
         if self._call is None:
             self._call = self._clock.callLater(0, self.flush)
 
-    def flush(self):
+    def flush(self) -> None:
         """Flush every object marked so far (an object flushed meanwhile has nothing left)."""
         self._call = None
         dirty, self._dirty = self._dirty, []

@@ -98,19 +98,16 @@ class FastTerminatedProtocol(TerminatedProtocol):
     def send_prepared(self, prepared, size, is_binary):
         """A broadcast delivery, coalesced per reactor iteration (see wsgate.coalesce).
 
-        The session counts it when it writes it. With permessage-deflate
+        The subscriber counts it when it writes it. With permessage-deflate
         negotiated each subscriber compresses on its own, as Autobahn's
         ``sendPreparedMessage`` does.
         """
+        if self._perMessageCompress is not None:
+            TerminatedProtocol.send_prepared(self, prepared, size, is_binary)
+            return
         if self.policy_sessions and self._refused_by_policy("out", is_binary, size):
             return
         if self.state == self.STATE_OPEN:
             if self.log_messages:
                 log_message(self.connection, "sent", size, is_binary)
-            if self._perMessageCompress is None:
-                self.app.enqueue(prepared.payloadHybi, size)  # a BroadcastSubscriber
-            else:
-                self.connection.messages_out += 1
-                self.connection.bytes_out += size
-                self.idle.touch()
-                self.sendPreparedMessage(prepared)
+            self.app.enqueue(prepared.payloadHybi, size)  # a BroadcastSubscriber

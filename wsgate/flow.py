@@ -10,7 +10,9 @@ and a ``StringTransport``:
   a client may send per second (ping floods).
 """
 
-from twisted.internet.interfaces import IPushProducer
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from zope.interface import implementer
 
 
@@ -34,15 +36,16 @@ class SendBuffer:
 
     __slots__ = ("transport", "limit", "listener", "blocked", "backlog", "reading_paused")
 
-    def __init__(self, transport, limit, listener=None):
+    def __init__(self, transport: IPushProducer, limit: int,
+                 listener: IPushProducer | None = None):
         self.transport = transport
         self.limit = limit
         self.listener = listener
-        self.blocked = False  # the transport's write buffer is over its threshold
-        self.backlog = 0  # bytes written while blocked
-        self.reading_paused = False  # the client is not read until the buffer drains
+        self.blocked: bool = False  # the transport's write buffer is over its threshold
+        self.backlog: int = 0  # bytes written while blocked
+        self.reading_paused: bool = False  # the client is not read until the buffer drains
 
-    def wrote(self, size):
+    def wrote(self, size: int) -> None:
         """Count *size* bytes just written to the transport (cheap when not blocked)."""
         if self.blocked:
             self.backlog += size
@@ -51,16 +54,16 @@ class SendBuffer:
                 self.transport.pauseProducing()
 
     @property
-    def over_limit(self):
+    def over_limit(self) -> bool:
         """True while the client is not read because its output is stuck."""
         return self.reading_paused
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         self.blocked = True
         if self.listener is not None:
             self.listener.pauseProducing()
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self.blocked = False
         self.backlog = 0
         if self.reading_paused:
@@ -69,7 +72,7 @@ class SendBuffer:
         if self.listener is not None:
             self.listener.resumeProducing()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         listener, self.listener = self.listener, None
         if listener is not None:
             listener.stopProducing()
@@ -81,13 +84,13 @@ class ControlFrameRate:
 
     __slots__ = ("limit", "clock", "window", "count")
 
-    def __init__(self, limit, clock):
+    def __init__(self, limit: int, clock: IReactorTime):
         self.limit = limit
         self.clock = clock
         self.window = -1
         self.count = 0
 
-    def allow(self):
+    def allow(self) -> bool:
         """Count one control frame; False once the current second has seen more than *limit*."""
         window = int(self.clock.seconds())
         if window != self.window:

@@ -7,8 +7,18 @@ to. From a trusted peer the chain is kept and extended, and the client is the
 right-most address in it that is not itself a trusted proxy.
 """
 
+from __future__ import annotations
+
 import ipaddress
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from wsgate.http import RequestHead
+
+Address: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address"
+Network: TypeAlias = "ipaddress.IPv4Network | ipaddress.IPv6Network"
 
 # RFC 7230 hop-by-hop headers plus the handshake headers the gateway writes itself.
 HOP_BY_HOP = frozenset((
@@ -23,7 +33,7 @@ GATEWAY_WRITTEN = frozenset((
 ))
 
 
-def parse_networks(text_items):
+def parse_networks(text_items: Iterable[str]) -> tuple[Network, ...]:
     """CIDR strings → networks; raises ValueError naming the bad item."""
     networks = []
     for item in text_items:
@@ -35,7 +45,7 @@ def parse_networks(text_items):
     return tuple(networks)
 
 
-def _address(text):
+def _address(text: str) -> Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:
         text = text[1:text.index("]")]
@@ -47,7 +57,8 @@ def _address(text):
         return None
 
 
-def is_trusted(address, networks):
+def is_trusted(address: str | Address, networks: Iterable[Network]) -> bool:
+    """Whether *address* (text as in a header, or parsed) is in one of *networks*."""
     ip = _address(address) if isinstance(address, str) else address
     return ip is not None and any(ip in net for net in networks)
 
@@ -58,10 +69,10 @@ class ClientOrigin:
 
     ip: str  # the client's address (after trusted proxies)
     forwarded_for: str  # the X-Forwarded-For value to send upstream
-    forwarded: tuple  # previous RFC 7239 Forwarded elements to keep (trusted peers only)
+    forwarded: tuple[str, ...]  # previous RFC 7239 Forwarded elements to keep (trusted peers only)
 
 
-def client_origin(peer_ip, head, trusted):
+def client_origin(peer_ip: str, head: RequestHead, trusted: Collection[Network]) -> ClientOrigin:
     """Resolve the client behind *peer_ip* given the request *head* and *trusted* networks."""
     if not trusted or not is_trusted(peer_ip, trusted):
         return ClientOrigin(peer_ip, peer_ip, ())
@@ -80,11 +91,12 @@ def client_origin(peer_ip, head, trusted):
     return ClientOrigin(client, forwarded_for, previous)
 
 
-def _forwarded_node(ip):
+def _forwarded_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def forwarded_headers(origin, head, conn_id, is_tls, route_forward_headers=()):
+def forwarded_headers(origin: ClientOrigin, head: RequestHead, conn_id: str, is_tls: bool,
+                      route_forward_headers: Iterable[str] = ()) -> list[tuple[str, str]]:
     """The headers (name, value) the upstream gets besides the WebSocket handshake ones."""
     proto = "https" if is_tls else "http"
     host = head.host
@@ -108,5 +120,5 @@ def forwarded_headers(origin, head, conn_id, is_tls, route_forward_headers=()):
     return headers
 
 
-def _canonical(name):
+def _canonical(name: str) -> str:
     return "-".join(part.capitalize() for part in name.split("-"))

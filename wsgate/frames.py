@@ -16,9 +16,14 @@ Once a rule is broken the scanner stops forwarding: it reads at most
 then ignores its input, so a peer that goes on sending costs nothing more.
 """
 
+from __future__ import annotations
+
+import enum
 import os
 import struct
 import zlib
+from collections.abc import Callable
+from typing import Final, Literal, Protocol, TypeAlias, final
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -33,7 +38,7 @@ CLOSE_REPLY_FRAMES = 64  # frames still parsed after a violation, looking for th
 UNLIMITED = 1 << 62
 
 
-def wire_close_code(code):
+def wire_close_code(code: int) -> bool:
     """Whether *code* may appear in a close frame on the wire (RFC 6455 §7.4, IANA).
 
     1000–1003 and 1007–1014 are defined for the wire (1004 is reserved; 1005,
@@ -43,7 +48,13 @@ def wire_close_code(code):
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def close_frame_error(payload):
+def kick_code(code: int | None) -> bool:
+    """Whether the admin API may close a connection with *code* (a kick): 1000, 1001,
+    1008 or an application's 3000–4999."""
+    return code in (1000, 1001, 1008) or (code is not None and 3000 <= code <= 4999)
+
+
+def close_frame_error(payload: bytes) -> str | None:
     """Why a close frame with *payload* (unmasked) must not be relayed, or None.
 
     Empty is fine (no status); otherwise a 2-byte code allowed on the wire
@@ -71,10 +82,10 @@ class ControlFrame:
 
     __slots__ = ("opcode", "payload", "raw")
 
-    def __init__(self, opcode, payload, raw):
+    def __init__(self, opcode: int, payload: bytes, raw: bytes):
         self.opcode, self.payload, self.raw = opcode, payload, raw
 
-    def close_code_reason(self):
+    def close_code_reason(self) -> tuple[int | None, str]:
         """``(code, reason)`` of a close frame; ``(None, "")`` when it has no status."""
         if len(self.payload) < 2:
             return None, ""
@@ -82,6 +93,7 @@ class ControlFrame:
         return code, self.payload[2:].decode("utf-8", "replace")
 
 
+@final
 class Violation:
     """The stream broke a rule: the relay closes the sender with *code* and *reason*.
 
@@ -92,14 +104,22 @@ class Violation:
 
     __slots__ = ("code", "reason", "closed")
 
-    def __init__(self, code, reason, closed=None):
+    def __init__(self, code: int, reason: str, closed: tuple[int | None, str] | None = None):
         self.code, self.reason, self.closed = code, reason, closed
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Violation({self.code}, {self.reason!r})"
 
 
-DROP_MESSAGE = object()
+class _Drop(enum.Enum):
+    DROP_MESSAGE = "drop message"
+
+
+# From *on_message*: the message's frames are not passed on (a sentinel; an enum
+# member so that type checkers tell it from a Violation).
+DROP_MESSAGE: Final = _Drop.DROP_MESSAGE
+# What *on_message* returns: None (pass the message), DROP_MESSAGE or a Violation.
+MessageVerdict: TypeAlias = "Violation | Literal[_Drop.DROP_MESSAGE] | None"
 
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 §7.2.2: removed by the sender, appended back
 _INFLATE_STEP = 64 * 1024  # inflated bytes produced (and discarded) per zlib call
@@ -119,21 +139,21 @@ class InflateLimit:
 
     __slots__ = ("limit", "size", "_inflater")
 
-    def __init__(self, limit):
+    def __init__(self, limit: int):
         self.limit = limit
         self.size = 0
-        self._inflater = None
+        self._inflater: zlib._Decompress | None = None
 
-    def start(self):
+    def start(self) -> None:
         """A compressed message begins."""
         self.size = 0
         self._inflater = zlib.decompressobj(-15)
 
-    def end(self):
+    def end(self) -> None:
         """The message is abandoned (a violation): drop the decompressor."""
         self._inflater = None
 
-    def feed(self, data, last=False):
+    def feed(self, data: bytes, last: bool = False) -> Violation | None:
         """Inflate *data* (unmasked payload bytes of the message; *last*: its end).
 
         Returns None, or a :class:`Violation`: 1009 once the message inflates
@@ -150,9 +170,10 @@ class InflateLimit:
             self._inflater = None
         return Violation(1009, "message too big") if over else None
 
-    def _inflate(self, data):
+    def _inflate(self, data: bytes) -> bool:
         """Inflate *data*, counting; True as soon as the message is over the limit."""
         inflater = self._inflater
+        assert inflater is not None, "feed() outside start() .. end()"
         while True:
             out = inflater.decompress(data, _INFLATE_STEP)
             self.size += len(out)
@@ -167,6 +188,17 @@ class InflateLimit:
                 data = inflater.unconsumed_tail
                 if not data and len(out) < _INFLATE_STEP:
                     return False
+
+
+class RateLimit(Protocol):
+    """A control frame rate, e.g. :class:`wsgate.flow.ControlFrameRate`."""
+
+    def allow(self) -> bool:
+        """Count one control frame; False once over the rate."""
+
+
+# (first byte, opcode, header length, payload length, mask, problem)
+_Header: TypeAlias = "tuple[int, int, int, int, bytes | None, str | None]"
 
 
 class FrameScanner:
@@ -196,35 +228,38 @@ class FrameScanner:
                  "inflating", "frame_mask", "mask_offset", "closing", "broken",
                  "cut_mid_frame")
 
-    def __init__(self, max_message_size, on_message=None, max_fragments=UNLIMITED,
-                 control_rate=None, inflate=None):
+    def __init__(self, max_message_size: int,
+                 on_message: Callable[[int, int], MessageVerdict] | None = None,
+                 max_fragments: int = UNLIMITED, control_rate: RateLimit | None = None,
+                 inflate: InflateLimit | None = None):
         self.max_message_size = max_message_size
         self.max_fragments = max_fragments
         self.control_rate = control_rate  # None: unlimited
         self.inflate = inflate
         self.on_message = on_message
         self.remaining = 0  # payload bytes of the current data frame still to come
-        self.partial = b""  # an incomplete frame header (or control frame) kept for later
+        self.partial: bytes = b""  # an incomplete frame header (or control frame) kept for later
         self.message_size = 0
         self.fragments = 0
         self.in_message = False
         self.messages = 0
         self.payload_bytes = 0
         self.skipping = False  # the current message's frames are not passed on
-        self.frame_fin = False  # ... and the frame being skipped ends its message
+        self.frame_fin: int = False  # ... and the frame being skipped ends its message
         self.inflating = False  # the current frame's payload goes through self.inflate
-        self.frame_mask = None
+        self.frame_mask: bytes | None = None
         self.mask_offset = 0
-        self.closing = None  # after a violation: frames still parsed for the close reply
+        # after a violation: frames still parsed for the close reply
+        self.closing: int | None = None
         self.broken = False  # nothing more is parsed
         self.cut_mid_frame = False  # a violation stopped the output inside a frame
 
     @property
-    def at_boundary(self):
+    def at_boundary(self) -> bool:
         """True when everything forwarded so far ends on a frame boundary."""
         return (not self.remaining or self.skipping) and not self.cut_mid_frame
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[bytes | ControlFrame | Violation]:
         """Scan the next bytes of the stream: pass-through bytes, control frames and,
         last, a violation, in stream order (an incomplete frame waits for more)."""
         if self.broken:
@@ -232,11 +267,11 @@ class FrameScanner:
         if self.partial:
             data = self.partial + data
             self.partial = b""
-        out = []
+        out: list[bytes | ControlFrame | Violation] = []
         pos = 0
         end = len(data)
         pass_from = 0  # start of the bytes not yet emitted that may be passed through
-        frame_start = None  # where the current compressed frame's header is in *data*
+        frame_start: int | None = None  # where the current compressed frame's header is in *data*
         while pos < end:
             if self.remaining:  # the rest of a data frame's payload
                 step = min(self.remaining, end - pos)
@@ -328,14 +363,17 @@ class FrameScanner:
             out.append(data[pass_from:end] if pass_from else data)
         return out
 
-    def _keep(self, out, data, pass_from, pos):
+    def _keep(self, out: list[bytes | ControlFrame | Violation], data: bytes, pass_from: int,
+              pos: int) -> list[bytes | ControlFrame | Violation]:
         """Emit what precedes *pos*; keep the incomplete frame from *pos* for the next feed."""
         if pos > pass_from:
             out.append(data[pass_from:pos])
         self.partial = data[pos:]
         return out
 
-    def _stop(self, out, data, pass_from, cut, violation, resume=None, broken=False):
+    def _stop(self, out: list[bytes | ControlFrame | Violation], data: bytes, pass_from: int,
+              cut: int, violation: Violation, resume: int | None = None,
+              broken: bool = False) -> list[bytes | ControlFrame | Violation]:
         """A violation: emit up to *cut*, then stop forwarding.
 
         *broken*: nothing more can (or need) be parsed. Otherwise the input
@@ -345,6 +383,7 @@ class FrameScanner:
             out.append(data[pass_from:cut])
         out.append(violation)
         if self.inflating:
+            assert self.inflate is not None
             self.inflating = False
             self.inflate.end()
         if broken:
@@ -356,8 +395,9 @@ class FrameScanner:
             self.partial = data[cut if resume is None else resume:]
         return out
 
-    def _reply_budget_spent(self):
+    def _reply_budget_spent(self) -> bool:
         """Count one frame read after a violation; past the budget, stop parsing."""
+        assert self.closing is not None
         self.closing -= 1
         if self.closing >= 0:
             return False
@@ -365,7 +405,7 @@ class FrameScanner:
         self.partial = b""
         return True
 
-    def _parse_header(self, data, pos, end):
+    def _parse_header(self, data: bytes, pos: int, end: int) -> _Header | Violation | None:
         """``(first byte, opcode, header length, payload length, mask, problem)``, None
         (incomplete) or a Violation (a length no frame can have: nothing more is parsed).
         *problem* says why a well-delimited frame breaks RFC 6455, or is None."""
@@ -402,7 +442,7 @@ class FrameScanner:
             problem = "reserved opcode"
         return b0, opcode, header_len, length, mask, problem
 
-    def _data_frame(self, b0, opcode, length):
+    def _data_frame(self, b0: int, opcode: int, length: int) -> MessageVerdict:
         """Account a data frame: None (pass it), DROP_MESSAGE or a Violation."""
         verdict = None
         if opcode == OP_CONTINUATION:
@@ -433,7 +473,7 @@ class FrameScanner:
             self.messages += 1
         return verdict
 
-    def _control(self, frame):
+    def _control(self, frame: ControlFrame) -> Violation | None:
         """Check a control frame: None, or a Violation (forbidden close, too many per second)."""
         if frame.opcode == OP_CLOSE:
             problem = close_frame_error(frame.payload)
@@ -446,8 +486,9 @@ class FrameScanner:
             return Violation(1008, "too many control frames")
         return None
 
-    def _inflate(self, data, pos, step):
+    def _inflate(self, data: bytes, pos: int, step: int) -> Violation | None:
         """Inflate *step* payload bytes of the current compressed frame at *pos*."""
+        assert self.inflate is not None
         chunk = data[pos: pos + step]
         mask = self.frame_mask
         if mask is not None and chunk:
@@ -460,14 +501,14 @@ class FrameScanner:
         return self.inflate.feed(chunk, last)
 
 
-def _unmask(payload, mask):
+def _unmask(payload: bytes, mask: bytes) -> bytes:
     if not payload:
         return payload
     key = int.from_bytes((mask * (len(payload) // 4 + 1))[: len(payload)], "big")
     return (int.from_bytes(payload, "big") ^ key).to_bytes(len(payload), "big")
 
 
-def control_frame(opcode, payload=b"", masked=False):
+def control_frame(opcode: int, payload: bytes = b"", masked: bool = False) -> bytes:
     """Build a control frame (≤ 125 bytes payload); masked for the client role."""
     if len(payload) > 125:
         raise ValueError("control frame payload over 125 bytes")
@@ -477,7 +518,7 @@ def control_frame(opcode, payload=b"", masked=False):
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + _unmask(payload, mask)
 
 
-def reason_bytes(reason):
+def reason_bytes(reason: str) -> bytes:
     """*reason* as UTF-8, cut to at most 123 bytes on a character boundary.
 
     What a close frame may carry after its code (control frames hold at most
@@ -490,7 +531,7 @@ def reason_bytes(reason):
     return data[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
-def close_payload(code, reason=""):
+def close_payload(code: int | None, reason: str = "") -> bytes:
     """The payload of a close frame; no code means an empty payload."""
     if code is None:
         return b""

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 
-from wsgate import fastpath, forwarding, http, observe, targets
+from wsgate import fastpath, fastpath_autobahn, forwarding, http, observe, targets
 from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
@@ -29,7 +29,6 @@ from wsgate.targets.websocket import make_websocket_factory
 _log = Logger()
 
 _MAX_BUFFER = 64 * 1024  # bytes held while a decision is pending (head + early frames)
-RETRY_AFTER_SECONDS = 5
 DRAIN_SPREAD_MAX = 5.0  # drain closes are spread over up to this many seconds (jitter)
 EVENT_FIELD_MAX = 512  # characters of a request's host, path or user agent in an event
 
@@ -111,7 +110,7 @@ class Gateway:
         if match is None:
             raise http.HttpRefusal(404, "no_route", "No route for this host and path")
         route = match.route.name
-        retry = [("Retry-After", str(RETRY_AFTER_SECONDS))]
+        retry = http.retry_after()
         if self.draining or route in self.drained_routes:
             raise http.HttpRefusal(503, "draining", "Shutting down, retry elsewhere", retry,
                                    route=route)
@@ -192,6 +191,14 @@ class Gateway:
             factory = make_websocket_factory(listener, self.clock)
             self._ws_factories[listener.name] = factory
         return factory
+
+    def websocket_protocol(self, listener):
+        """A new terminated WebSocket protocol with *listener*'s options (the fast one
+        with ``fast_paths``, see :mod:`wsgate.fastpath_autobahn`)."""
+        factory = self.websocket_factory(listener)
+        protocol = fastpath_autobahn.protocol_class(factory, self.config.core.fast_paths)()
+        protocol.factory = factory
+        return protocol
 
 
 def _request_fields(head):

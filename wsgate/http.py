@@ -6,13 +6,23 @@ WebSocket, and every refusal carries the status and headers an operator
 expects (404, 405 + Allow, 426 + Upgrade, 503 + Retry-After, ...).
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar, overload
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
+RETRY_AFTER_SECONDS = 5  # what a 503 (draining, overloaded, upstream down) asks clients to wait
+
+
+def retry_after() -> list[tuple[str, str]]:
+    """The ``Retry-After`` header of every 503 the gateway sends."""
+    return [("Retry-After", str(RETRY_AFTER_SECONDS))]
 
 _REASONS = {
     400: "Bad Request",
@@ -33,6 +43,8 @@ _REASONS = {
 TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
+_D = TypeVar("_D")
+
 
 class HttpRefusal(Exception):
     """A request that is answered with an HTTP error instead of a 101.
@@ -42,7 +54,9 @@ class HttpRefusal(Exception):
     response headers such as ``Retry-After``.
     """
 
-    def __init__(self, status, reason, body=None, headers=(), route=None, policy=None):
+    def __init__(self, status: int, reason: str, body: str | None = None,
+                 headers: Iterable[tuple[str, str]] = (), route: str | None = None,
+                 policy: str | None = None):
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
@@ -57,24 +71,29 @@ class RequestHead:
     """A parsed request head. Header names are lower-case; values keep their order."""
 
     method: str
-    target: str
-    version: str
     path: str
     query: str
-    headers: tuple  # ((name, value), ...) in arrival order, names lower-case
+    headers: tuple[tuple[str, str], ...]  # ((name, value), ...) in arrival order, names lower-case
     raw: bytes
 
-    def get(self, name, default=None):
+    @overload
+    def get(self, name: str) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: _D) -> str | _D: ...
+
+    def get(self, name: str, default: object = None) -> object:
         """The first value of header *name* (lower-case), or *default*."""
         for key, value in self.headers:
             if key == name:
                 return value
         return default
 
-    def get_all(self, name):
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header *name* (lower-case), in arrival order."""
         return [value for key, value in self.headers if key == name]
 
-    def tokens(self, name):
+    def tokens(self, name: str) -> set[str]:
         """The comma-separated tokens of every *name* header, lower-cased."""
         return {
             token.strip().lower()
@@ -82,21 +101,23 @@ class RequestHead:
         }
 
     @property
-    def host(self):
+    def host(self) -> str:
+        """The Host header as sent (port included); empty when missing."""
         return self.get("host", "")
 
     @property
-    def wants_websocket(self):
+    def wants_websocket(self) -> bool:
+        """Whether the client asked to upgrade to WebSocket (``Upgrade: websocket``)."""
         return "websocket" in self.tokens("upgrade")
 
 
-def find_head_end(buffer):
+def find_head_end(buffer: bytes) -> int:
     """Index just past the blank line ending the head, or -1 if not there yet."""
     end = buffer.find(b"\r\n\r\n")
     return -1 if end < 0 else end + 4
 
 
-def parse_head(raw):
+def parse_head(raw: bytes) -> RequestHead:
     """Parse a complete request head (bytes up to and including the blank line).
 
     Raises :class:`HttpRefusal` (400) for anything that is not a well-formed
@@ -130,13 +151,13 @@ def parse_head(raw):
     split = urlsplit(target)
     if split.fragment or "#" in target:
         raise HttpRefusal(400, "bad_handshake", "Fragment in request target")
-    head = RequestHead(method, target, version, split.path, split.query, tuple(headers), raw)
+    head = RequestHead(method, split.path, split.query, tuple(headers), raw)
     if len(head.get_all("host")) != 1:
         raise HttpRefusal(400, "bad_handshake", "Exactly one Host header required")
     return head
 
 
-def check_websocket_upgrade(head):
+def check_websocket_upgrade(head: RequestHead) -> None:
     """Validate the RFC 6455 parts of an upgrade request (after routing).
 
     Raises :class:`HttpRefusal` with the answer the contract gives: 405 for
@@ -161,7 +182,7 @@ def check_websocket_upgrade(head):
         raise HttpRefusal(400, "bad_handshake", "Missing or malformed Sec-WebSocket-Key")
 
 
-def _valid_key(key):
+def _valid_key(key: str) -> bool:
     key = key.strip()
     if len(key) != 24:
         return False
@@ -171,29 +192,30 @@ def _valid_key(key):
         return False
 
 
-def render_refusal(refusal):
+def render_head(first_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The bytes of an HTTP head: *first_line* (a status or request line), then each
+    ``(name, value)`` of *headers*, then the blank line."""
+    lines = [first_line]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def render_refusal(refusal: HttpRefusal) -> bytes:
     """The bytes of a complete HTTP response for *refusal* (``Connection: close``)."""
     body = (refusal.body + "\n").encode("utf-8")
-    lines = [
-        f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}",
-        "Content-Type: text/plain; charset=utf-8",
-        f"Content-Length: {len(body)}",
-    ]
-    extra = list(refusal.headers)
-    if not any(name.lower() == "connection" for name, _ in extra):
-        extra.append(("Connection", "close"))
-    lines.extend(f"{name}: {value}" for name, value in extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    headers = [("Content-Type", "text/plain; charset=utf-8"),
+               ("Content-Length", str(len(body)))]
+    headers.extend(refusal.headers)
+    if not any(name.lower() == "connection" for name, _ in refusal.headers):
+        headers.append(("Connection", "close"))
+    return render_head(f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}",
+                       headers) + body
 
 
-def render_file(body, content_type, head_only=False):
+def render_file(body: bytes, content_type: str, head_only: bool = False) -> bytes:
     """A 200 response carrying *body* (static routes)."""
-    lines = [
-        "HTTP/1.1 200 OK",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-cache",
-        "X-Content-Type-Options: nosniff",
-        "Connection: close",
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+    head = render_head("HTTP/1.1 200 OK", [
+        ("Content-Type", content_type), ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff"),
+        ("Connection", "close")])
+    return head + (b"" if head_only else body)

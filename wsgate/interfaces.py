@@ -4,7 +4,23 @@ Implementations declare them with ``@implementer(...)``; the test suite calls
 ``verifyObject`` on each built-in one.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from autobahn.websocket.protocol import PreparedMessage
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IProtocol
+
+    from wsgate.policies import Allow, Close, Deny, PolicyContext, UpgradeRequest
+    from wsgate.pubsub import Message
+    from wsgate.routing import RouteMatch
+    from wsgate.settings import Settings
+    from wsgate.targets import Accepted, TargetContext
 
 
 class IRouter(Interface):
@@ -12,7 +28,7 @@ class IRouter(Interface):
 
     routes = Attribute("The routes this router knows, in matching order (for display).")
 
-    def route(host, path, listener):
+    def route(host: str, path: str, listener: str) -> RouteMatch | None:
         """Return the :class:`wsgate.routing.RouteMatch` for a request, or ``None``.
 
         *host* is the request's Host header as sent (the router strips the port
@@ -28,7 +44,7 @@ class IRouterFactory(Interface):
 
     name = Attribute("The name used in ``[wsgate] router = NAME``.")
 
-    def __call__(routes):
+    def __call__(routes: Sequence[Any]) -> IRouter:
         """Return an :class:`IRouter` for *routes* (a sequence of route configs)."""
 
 
@@ -37,7 +53,7 @@ class ISubscriber(Interface):
 
     conn_id = Attribute("The connection id, compared with a message's origin.")
 
-    def deliver(message, prepared):
+    def deliver(message: Message, prepared: PreparedMessage) -> None:
         """Send *message* (a :class:`wsgate.pubsub.Message`) to this subscriber.
 
         *prepared* is the message framed once for every subscriber that shares
@@ -51,13 +67,13 @@ class IBroker(Interface):
 
     state = Attribute('"up", "down" or "none" (in-process broker): for health checks.')
 
-    def subscribe(channel, subscriber):
+    def subscribe(channel: str, subscriber: ISubscriber) -> None:
         """Add *subscriber* (an :class:`ISubscriber`) to *channel*. Synchronous."""
 
-    def unsubscribe(channel, subscriber):
+    def unsubscribe(channel: str, subscriber: ISubscriber) -> None:
         """Remove *subscriber* from *channel*; unknown subscribers are ignored."""
 
-    def publish(channel, message):
+    def publish(channel: str, message: Message) -> Deferred[int]:
         """Publish *message* to every subscriber of *channel* in every process.
 
         Returns a Deferred that fires with the number of receivers (local
@@ -76,7 +92,9 @@ class IPolicy(Interface):
     name = Attribute("The ``[policy:NAME]`` section name: the reason label of its denials.")
     mode = Attribute('"enforce", or "shadow": denials are logged and counted, not applied.')
 
-    def check(request):
+    def check(
+        request: UpgradeRequest,
+    ) -> Allow | Deny | None | Deferred[Allow | Deny | None]:
         """Decide on *request* (a :class:`wsgate.policies.UpgradeRequest`).
 
         Return ``None`` or a :class:`wsgate.policies.Allow` (optionally with an
@@ -90,7 +108,9 @@ class IPolicy(Interface):
 class IPolicySession(Interface):
     """A policy's state for one allowed connection (per-message limits, counters)."""
 
-    def message(direction, is_binary, size):
+    def message(
+        direction: Literal["in", "out"], is_binary: bool, size: int,
+    ) -> Close | Literal["drop"] | None:
         """Called for each message; *direction* is ``"in"`` (from the client) or ``"out"``.
 
         *size* is the payload size (for a proxied, fragmented message: its first
@@ -99,7 +119,7 @@ class IPolicySession(Interface):
         Synchronous and cheap: it runs on the message path.
         """
 
-    def closed():
+    def closed() -> None:
         """Called once when the connection ends, or when the upgrade fails after
         this policy allowed it (release what ``check`` reserved)."""
 
@@ -110,7 +130,7 @@ class IPolicyFactory(Interface):
     name = Attribute("The ``type = NAME`` this factory serves.")
     keys = Attribute("The config keys this type accepts (besides type and mode).")
 
-    def __call__(name, settings, context):
+    def __call__(name: str, settings: Mapping[str, str], context: PolicyContext) -> IPolicy:
         """Return an :class:`IPolicy` for section ``[policy:name]``.
 
         *settings* maps the section's keys (only those in ``keys``) to raw
@@ -137,10 +157,10 @@ class ITarget(Interface):
         "True when its state lives in the broker (broadcast): several worker processes "
         "then need a Redis broker.")
 
-    def describe():
+    def describe() -> str:
         """One line for ``wsgate check``."""
 
-    def accept(request):
+    def accept(request: Accepted) -> IProtocol | Deferred[IProtocol]:
         """Take over an accepted request (a :class:`wsgate.targets.Accepted`).
 
         Return an ``IProtocol`` that will own the client's connection, or a
@@ -159,7 +179,7 @@ class ITargetFactory(Interface):
     name = Attribute("The type's name: a route selects it with ``target = NAME``.")
     keys = Attribute("The route keys this type reads (besides the routing keys).")
 
-    def __call__(route, settings, context):
+    def __call__(route: str, settings: Settings, context: TargetContext) -> ITarget:
         """Return an :class:`ITarget` for route *route* (its section name).
 
         *settings* is a :class:`wsgate.settings.Settings` over this type's
@@ -180,10 +200,10 @@ class IWebSocketConnection(Interface):
         "full, ``over_limit`` while the client is not read because ``max_send_buffer`` "
         "bytes wait behind it.")
 
-    def send(payload, is_binary):
+    def send(payload: bytes, is_binary: bool) -> None:
         """Send one message (counted, subject to per-message policies)."""
 
-    def close_with(code, reason):
+    def close_with(code: int, reason: str) -> None:
         """Close with any code valid on the wire; *reason* is cut to 123 bytes."""
 
 
@@ -198,11 +218,11 @@ class IWebSocketApp(Interface):
 
     max_send_buffer = Attribute("Unsent bytes beyond which the client is not read.")
 
-    def opened(connection):
+    def opened(connection: IWebSocketConnection) -> None:
         """*connection* (an :class:`IWebSocketConnection`) is open."""
 
-    def message(connection, payload, is_binary):
+    def message(connection: IWebSocketConnection, payload: bytes, is_binary: bool) -> None:
         """One whole message from the client."""
 
-    def closed(connection):
+    def closed(connection: IWebSocketConnection) -> None:
         """The connection ended (once, whoever closed it)."""

@@ -108,6 +108,8 @@ class Stats:
         self.publish_refusals[reason] += 1
 
     def upstream_error(self, route, kind):
+        """A proxied handshake failed at the upstream: ``unreachable`` (refused, timed
+        out: 503) or ``rejected`` (an HTTP error, a bad 101, TLS: 502)."""
         self.upstream_errors[(route, kind)] += 1
 
     def shadow_denied(self, route, policy):

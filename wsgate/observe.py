@@ -7,9 +7,12 @@ as one JSON object per line (NDJSON, no RFC 7464 separator), with ``level``
 when it is above ``info``; the text observer keeps Twisted's readable format.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 from datetime import datetime, timezone
+from typing import IO, TYPE_CHECKING
 
 from twisted.logger import (
     FileLogObserver,
@@ -19,23 +22,28 @@ from twisted.logger import (
     formatEventAsClassicLogText,
 )
 
+if TYPE_CHECKING:
+    from constantly import NamedConstant
+    from twisted.logger import LogEvent
+
 events = Logger(namespace="wsgate.events")
 
 
-def emit(name, text, level=LogLevel.info, **fields):
-    """Log the event *name* with its *fields* at *level*; *text* is the readable line.
+def emit(name: str, text: str, level: NamedConstant = LogLevel.info, **fields: object) -> None:
+    """Log the event *name* with its *fields* at *level* (a ``LogLevel``); *text* is the
+    readable line.
 
     *text* may use the fields as ``{name}`` placeholders (twisted.logger format).
     """
     events.emit(level, text, wsgate_event=name, wsgate_fields=fields, **fields)
 
 
-def _iso_time(timestamp):
+def _iso_time(timestamp: float | None) -> str:
     moment = datetime.fromtimestamp(timestamp or 0, tz=timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def event_as_json(event, node_id):
+def event_as_json(event: LogEvent, node_id: str) -> str:
     """One log event → a JSON text line (with its newline)."""
     name = event.get("wsgate_event")
     record = {"event": name or "log", "time": _iso_time(event.get("log_time")),
@@ -56,19 +64,19 @@ def event_as_json(event, node_id):
     return json.dumps(record, default=str, separators=(",", ":")) + "\n"
 
 
-def json_observer(node_id, stream=None):
+def json_observer(node_id: str, stream: IO[str] | None = None) -> FileLogObserver:
     """An ``ILogObserver`` writing NDJSON to *stream* (default: standard output)."""
     stream = stream if stream is not None else sys.stdout
     return FileLogObserver(stream, lambda event: event_as_json(event, node_id))
 
 
-def text_observer(stream=None):
+def text_observer(stream: IO[str] | None = None) -> FileLogObserver:
     """Twisted's classic text format, one event per line."""
     stream = stream if stream is not None else sys.stdout
     return FileLogObserver(stream, formatEventAsClassicLogText)
 
 
-def format_address(address):
+def format_address(address: object) -> str:
     """An ``IAddress`` → ``ip:port`` (``[ip]:port`` for IPv6, the path for UNIX sockets)."""
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)

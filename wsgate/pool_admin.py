@@ -10,6 +10,7 @@ the message to every process).
 """
 
 import json
+from io import BytesIO
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +18,7 @@ from prometheus_client.samples import Sample
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web import server
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
@@ -28,6 +29,9 @@ from wsgate.admin import _Base, _json, _LimitedRequest
 
 @implementer(IAgentEndpointFactory)
 class _UnixEndpoints:
+    """Every request of an ``Agent`` goes to the UNIX socket *path* (a worker's control
+    socket), whatever the URL says."""
+
     def __init__(self, path):
         self.path = path
 
@@ -54,17 +58,14 @@ class _Pool:
     def call(self, index, method, path, body=None, headers=None):
         """``(status, body bytes)`` from worker *index*; fails when it does not answer."""
         agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(self.pool.control_path(index)))
-        producer = None
-        if body is not None:
-            from twisted.web.client import FileBodyProducer
-            from io import BytesIO
-
-            producer = FileBodyProducer(BytesIO(body))
+        producer = FileBodyProducer(BytesIO(body)) if body is not None else None
         d = agent.request(method, b"http://worker" + path, Headers(headers or {}), producer)
         return d.addCallback(lambda response: readBody(response).addCallback(
             lambda data: (response.code, data)))
 
     def call_all(self, method, path):
+        """Call every running worker; fire with ``[(index, (success, result))]`` (a
+        ``DeferredList`` result: *result* is ``(status, body)`` or the failure)."""
         indexes = self.indexes()
         calls = [self.call(i, method, path) for i in indexes]
         d = defer.DeferredList(calls, consumeErrors=True)
@@ -132,6 +133,8 @@ class _Metrics(_Base):
 
 
 class _Fixed:
+    """A prometheus_client collector that returns the metric families it was given."""
+
     def __init__(self, families):
         self.families = families
 
@@ -225,6 +228,9 @@ class _Drain(_Base):
 
 
 class PoolAdminSite(server.Site):
+    """The parent's admin site: the same paths and token as a single process's
+    (:mod:`wsgate.admin`), answered by asking the workers of *pool*."""
+
     requestFactory = _LimitedRequest
     noisy = False
 

@@ -12,8 +12,12 @@ Hosts compare case-insensitively with the port stripped; ``*.example.com``
 does not match ``example.com``.
 """
 
+from __future__ import annotations
+
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -24,7 +28,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
 
-def strip_port(host):
+def strip_port(host: str) -> str:
     """``Example.COM:8080`` → ``example.com``; ``[::1]:80`` → ``[::1]``."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -40,10 +44,11 @@ class HostPattern:
     """``*``, ``example.com`` or ``*.example.com``."""
 
     text: str
-    suffix: str = None  # ".example.com" for a wildcard, None otherwise
+    suffix: str | None = None  # ".example.com" for a wildcard, None otherwise
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: str) -> Self:
+        """A host pattern from the config; ``ValueError`` says what was expected."""
         text = text.strip().lower()
         if text == "*":
             return cls("*")
@@ -55,7 +60,8 @@ class HostPattern:
         _check_host_labels(text, text)
         return cls(text)
 
-    def matches(self, host):
+    def matches(self, host: str) -> bool:
+        """Whether *host* (lower-case, without port: :func:`strip_port`) matches."""
         if self.text == "*":
             return True
         if self.suffix is not None:
@@ -63,7 +69,7 @@ class HostPattern:
         return host == self.text
 
     @property
-    def rank(self):
+    def rank(self) -> tuple[int, int]:
         """Sort key: smaller is more specific."""
         if self.text == "*":
             return (2, 0)
@@ -72,7 +78,7 @@ class HostPattern:
         return (0, 0)
 
 
-def _check_host_labels(name, original):
+def _check_host_labels(name: str, original: str) -> None:
     if name.startswith("[") and name.endswith("]"):
         return  # an IPv6 literal
     labels = name.split(".")
@@ -90,11 +96,12 @@ class PathPattern:
     """
 
     text: str
-    segments: tuple  # each ("lit", text) or ("var", name)
+    segments: tuple[tuple[str, str], ...]  # each ("lit", text) or ("var", name)
     prefix: bool
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text: str) -> Self:
+        """A path pattern from the config; ``ValueError`` says what was expected."""
         text = text.strip()
         if not text.startswith("/"):
             raise ValueError(f"expected a path starting with /, got {text!r}")
@@ -103,8 +110,8 @@ class PathPattern:
         raw_segments = body.split("/")[1:] if body not in ("", "/") else []
         if text == "/":
             raw_segments = []
-        segments = []
-        names = set()
+        segments: list[tuple[str, str]] = []
+        names: set[str] = set()
         for raw in raw_segments:
             if raw.startswith("{") and raw.endswith("}"):
                 name = raw[1:-1]
@@ -126,11 +133,12 @@ class PathPattern:
         return cls(text, tuple(segments), prefix)
 
     @property
-    def placeholders(self):
+    def placeholders(self) -> tuple[str, ...]:
+        """The names of the ``{name}`` segments, in order."""
         return tuple(value for kind, value in self.segments if kind == "var")
 
     @property
-    def rank(self):
+    def rank(self) -> tuple[int, int, int]:
         """Sort key: exact, then named-segment patterns, then prefixes."""
         literals = sum(1 for kind, _ in self.segments if kind == "lit")
         if self.prefix:
@@ -139,7 +147,7 @@ class PathPattern:
             return (1, -literals, -len(self.segments))
         return (0, 0, 0)
 
-    def match(self, path):
+    def match(self, path: str) -> tuple[dict[str, str], str] | None:
         """Return ``(params, tail)`` when *path* matches, else ``None``."""
         parts = path.split("/")[1:] if path != "/" else [""]
         if self.text == "/":
@@ -153,7 +161,7 @@ class PathPattern:
             if len(parts) != n:
                 return None
             head, rest = parts, []
-        params = {}
+        params: dict[str, str] = {}
         for (kind, value), part in zip(self.segments, head):
             if kind == "lit":
                 if part != value:
@@ -169,21 +177,35 @@ class PathPattern:
 class RouteMatch:
     """The outcome of routing: the route, its placeholder values and the tail."""
 
-    route: object
-    params: dict = field(default_factory=dict)
+    route: Any  # the route's settings (wsgate.config.RouteSettings for the default router)
+    params: dict[str, str] = field(default_factory=dict)
     tail: str = ""
+
+
+class Routable(Protocol):
+    """What the default router reads of a route (``wsgate.config.RouteSettings``)."""
+
+    @property
+    def host(self) -> HostPattern: ...
+
+    @property
+    def path(self) -> PathPattern: ...
+
+    @property
+    def listeners(self) -> Collection[str] | None:
+        """The listeners it is served on; None: every one."""
 
 
 @implementer(IRouter)
 class DefaultRouter:
     """Matches routes by specificity (see the module docstring)."""
 
-    def __init__(self, routes):
+    def __init__(self, routes: Iterable[Routable]):
         indexed = list(enumerate(routes))
         indexed.sort(key=lambda item: (item[1].host.rank, item[1].path.rank, item[0]))
         self.routes = tuple(route for _, route in indexed)
 
-    def route(self, host, path, listener):
+    def route(self, host: str, path: str, listener: str) -> RouteMatch | None:
         host = strip_port(host)
         for route in self.routes:
             if route.listeners is not None and listener not in route.listeners:
@@ -203,11 +225,11 @@ class DefaultRouterFactory:
 
     name = "default"
 
-    def __call__(self, routes):
+    def __call__(self, routes: Iterable[Routable]) -> DefaultRouter:
         return DefaultRouter(routes)
 
 
-def resolve_router_factory(name):
+def resolve_router_factory(name: str) -> IRouterFactory:
     """The IRouterFactory for ``router = NAME`` (a plugin) or ``package.module:factory``;
     ``ValueError`` naming the known routers otherwise."""
     from wsgate import discovery
@@ -215,6 +237,6 @@ def resolve_router_factory(name):
     return discovery.find(IRouterFactory, name, "router")
 
 
-def build_router(config):
-    """The router the config asks for, built over its routes."""
+def build_router(config: Any) -> IRouter:
+    """The router the config asks for (a ``wsgate.config.Config``), built over its routes."""
     return resolve_router_factory(config.core.router)(config.routes)

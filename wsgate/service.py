@@ -6,66 +6,34 @@ SIGTERM drains (stop accepting, close every WebSocket with 1001, wait up to
 config: new connections see the new routes, policies, limits, admin token and
 certificates; live connections are untouched; an invalid config is logged and
 the old one stays in force.
+
+The same service runs each worker of ``workers = N`` (:mod:`wsgate.worker`),
+with the parent's sockets adopted instead of bound. What it shares with the
+worker pool's parent (binding, the ``wsgate.listening`` event, signal wiring,
+log format, stop) is in :mod:`wsgate.startup`.
 """
 
 import random
-import signal
 
 from twisted.application import service
-from twisted.internet import endpoints, reactor
-from twisted.internet.error import CannotListenError
+from twisted.internet import reactor
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from wsgate import fastpath, observe
-from wsgate.config import ConfigError, load
+from wsgate import fastpath, observe, startup
+from wsgate.admin import AdminSite
+from wsgate.config import AdminSettings, ConfigError, load
 from wsgate.gateway import DRAIN_SPREAD_MAX, Gateway, GatewayFactory, going_away
 from wsgate.pubsub.memory import MemoryBroker
 from wsgate.pubsub.redis import RedisBroker
 from wsgate.routing import build_router
-from wsgate.tap import fail
+from wsgate.startup import BindError, ListeningService
 
 _log = Logger()
-
-
-class BindError(Exception):
-    """An endpoint could not be bound; the text is the one-line explanation."""
-
-
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix", "haproxy")  # endpoints with a listen queue
-
-
-def with_backlog(endpoint_text, backlog):
-    """*endpoint_text* with its listen queue set to *backlog* (None: Twisted's default).
-
-    The config refuses ``backlog=`` in the endpoint text itself, so appending
-    the keyword is unambiguous; ``haproxy:`` passes it to the endpoint it wraps.
-    """
-    if backlog is None or endpoint_text.split(":", 1)[0] not in _BACKLOG_TYPES:
-        return endpoint_text
-    return f"{endpoint_text}:backlog={backlog}"
-
-
-def bind(endpoint_text, factory, label, backlog=None):
-    """Listen on *endpoint_text* with *backlog* now (synchronously); return the port or
-    raise BindError."""
-    endpoint = endpoints.serverFromString(reactor, with_backlog(endpoint_text, backlog))
-    outcome = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome:
-        raise BindError(f"cannot listen on {endpoint_text} ({label}): the endpoint did not "
-                        "bind at once")
-    result = outcome[0]
-    if not hasattr(result, "getHost"):
-        error = result.value
-        if isinstance(error, CannotListenError):
-            detail = getattr(error.socketError, "strerror", None) or str(error.socketError)
-        else:
-            detail = str(error) or error.__class__.__name__
-        raise BindError(f"cannot listen on {endpoint_text} ({label}): {detail}")
-    return result
 
 
 def accept_one_per_wakeup(port):
@@ -99,104 +67,66 @@ class _CurrentTLS:
         return self.gateway.listener(self.name).tls.serverConnectionForTLS(tlsProtocol)
 
 
-class ListenerService(service.Service):
-    """Binds one ``[listen:NAME]`` endpoint.
+class ListenerService(ListeningService):
+    """Listens on one ``[listen:NAME]`` endpoint: binds it, or, in a worker, adopts
+    the socket the parent bound (*adopt* = ``(fd, address family)``).
 
-    Binding happens in ``privilegedStartService`` (before twistd sheds
-    privileges) and synchronously, so that a port in use ends start-up with
-    one clear line instead of being only logged.
+    See :class:`wsgate.startup.ListeningService` for when it binds and what a
+    failure does. :attr:`listener` is replaced on reload (same endpoint, new
+    settings); connections look their settings up through the gateway.
     """
 
     def __init__(self, gateway, listener, adopt=None):
         self.gateway = gateway
         self.listener = listener
-        self.adopt = adopt  # (fd, address family) of a socket the parent bound (workers)
-        self.port = None
-
-    def factory(self):
-        factory = GatewayFactory(self.gateway, self.listener.name)
-        if self.listener.tls is not None:
-            factory = TLSMemoryBIOFactory(_CurrentTLS(self.gateway, self.listener.name), False,
-                                          factory)
-        return factory
-
-    def bind(self):
-        if self.adopt is not None:
-            factory = self.factory()
-            if self.listener.endpoint.startswith("haproxy:"):
-                from twisted.protocols.haproxy import HAProxyWrappingFactory
-
-                factory = HAProxyWrappingFactory(factory)
-            fd, family = self.adopt
-            self.port = reactor.adoptStreamPort(fd, family, factory)
-            accept_one_per_wakeup(self.port)
+        self.adopted = adopt is not None
+        if adopt is None:
+            endpoint = startup.server_endpoint(reactor, listener.endpoint, listener.backlog)
         else:
-            self.port = bind(self.listener.endpoint, self.factory(),
-                             f"[listen:{self.listener.name}]", self.listener.backlog)
-        address = self.port.getHost()
-        observe.emit(
-            "wsgate.listening", "listening on {address} ([listen:{listener}], tls={tls})",
-            listener=self.listener.name, address=observe.format_address(address),
-            host=getattr(address, "host", None), port=getattr(address, "port", None),
-            tls=self.listener.is_tls)
+            endpoint = AdoptedStreamServerEndpoint(reactor, *adopt)
+            if listener.endpoint.startswith("haproxy:"):
+                endpoint = proxyEndpoint(endpoint)
+        factory = GatewayFactory(gateway, listener.name)
+        if listener.tls is not None:
+            factory = TLSMemoryBIOFactory(_CurrentTLS(gateway, listener.name), False, factory)
+        super().__init__(endpoint, factory, f"{listener.endpoint} ([listen:{listener.name}])",
+                         self._bound)
 
-    def privilegedStartService(self):
-        service.Service.privilegedStartService(self)
-        if self.port is None:
-            try:
-                self.bind()
-            except BindError as e:
-                fail(str(e))
-
-    def stopListening(self):
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-
-    def stopService(self):
-        service.Service.stopService(self)
-        return self.stopListening()
+    def _bound(self, port):
+        if self.adopted:
+            accept_one_per_wakeup(port)
+        startup.announce_listening(
+            port, "listening on {address} ([listen:{listener}], tls={tls})",
+            listener=self.listener.name, tls=self.listener.is_tls)
 
 
-class AdminService(service.Service):
-    """Binds the ``[admin]`` endpoint."""
+def admin_service(gateway, settings, internal=False):
+    """The service of the ``[admin]`` endpoint (*internal*: a worker's control socket,
+    ``unix:PATH``, which the pool parent asks; announced as listener ``control``)."""
+    def bound(port):
+        startup.announce_listening(port, "admin listening on {address}",
+                                   listener="control" if internal else "admin", tls=False)
 
-    def __init__(self, gateway, settings, internal=False):
-        self.gateway, self.settings, self.internal = gateway, settings, internal
-        self.port = None
-
-    def privilegedStartService(self):
-        from wsgate.admin import AdminSite
-
-        service.Service.privilegedStartService(self)
-        try:
-            self.port = bind(self.settings.endpoint,
-                             AdminSite(self.gateway, self.settings, self.internal), "[admin]")
-        except BindError as e:
-            fail(str(e))
-        address = self.port.getHost()
-        observe.emit("wsgate.listening", "admin listening on {address}",
-                     listener="control" if self.internal else "admin",
-                     address=observe.format_address(address),
-                     host=getattr(address, "host", None), port=getattr(address, "port", None),
-                     tls=False)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
+    return ListeningService(startup.server_endpoint(reactor, settings.endpoint),
+                            AdminSite(gateway, settings, internal),
+                            f"{settings.endpoint} ([admin])", bound)
 
 
 class GatewayService(service.MultiService):
-    """The root of a gateway process; see the module docstring."""
+    """The root of a gateway process; see the module docstring.
+
+    *adopted* maps listener names to ``(fd, address family)`` of sockets the pool
+    parent bound; *worker_index* N makes the gateway's node id ``NODE_ID-wN``;
+    *control* is the UNIX socket path of a worker's admin API,
+    which replaces ``[admin]`` (the parent answers there). All three are None
+    for a single process.
+    """
 
     def __init__(self, config, adopted=None, worker_index=None, control=None):
         super().__init__()
-        _raise_open_file_limit()
+        startup.raise_open_file_limit()
         self.config = config
         self.adopted = adopted or {}
-        self.worker_index = worker_index
         self.brokers = {}
         self.broker = self._broker(config.core.broker)
         self._attach_shared_limiters(config)
@@ -211,12 +141,10 @@ class GatewayService(service.MultiService):
         for listener in config.listeners:
             self._add_listener(listener)
         if control is not None:  # a worker: the parent's admin endpoint asks us here
-            from wsgate.config import AdminSettings
-
-            AdminService(self.gateway, AdminSettings(endpoint=f"unix:{control}"),
-                         internal=True).setServiceParent(self)
+            admin_service(self.gateway, AdminSettings(endpoint=f"unix:{control}"),
+                          internal=True).setServiceParent(self)
         elif config.admin is not None:
-            AdminService(self.gateway, config.admin).setServiceParent(self)
+            admin_service(self.gateway, config.admin).setServiceParent(self)
         self._warn_unverified(config)
         self._drain_call = None
         self._sigterms = 0
@@ -257,26 +185,19 @@ class GatewayService(service.MultiService):
 
     # -- start-up
 
+    def setServiceParent(self, parent):
+        startup.install_log_format(parent, self.config)
+        return super().setServiceParent(parent)
+
     def startService(self):
         super().startService()
-        reactor.callWhenRunning(self._install_signal_handlers)
+        reactor.callWhenRunning(self._ready)
 
-    def _install_signal_handlers(self):
-        """Twisted installs no SIGHUP handler (the default ends the process) and its
-        SIGTERM handler re-raises the signal at exit; ours drain and reload."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
+    def _ready(self):
+        """The reactor runs: SIGTERM/SIGINT drain, SIGHUP reloads; say ``wsgate.ready``."""
+        startup.handle_signals(reactor, stop=self.drain, reload=self.reload)
         observe.emit("wsgate.ready", "wsgate ready (node {node})",
                      node=self.config.core.node_id)
-
-    def _on_signal(self, signum, frame):
-        action = self.reload if signum == signal.SIGHUP else self.drain
-        reactor.callFromThread(action)
-
-    def setServiceParent(self, parent):
-        install_log_format(parent, self.config)
-        return super().setServiceParent(parent)
 
     # -- SIGTERM: drain
 
@@ -314,10 +235,7 @@ class GatewayService(service.MultiService):
         self._stop()
 
     def _stop(self):
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        if reactor.running:
-            reactor.stop()
+        startup.stop(reactor, self._drain_call)
 
     # -- SIGHUP: reload
 
@@ -383,25 +301,4 @@ class GatewayService(service.MultiService):
             self.listeners[name] = child
         for name, child in self.listeners.items():
             child.listener = new[name]
-
-
-def install_log_format(parent, config):
-    """twistd starts its log observer after ``makeService``, from a component of the
-    application: a root service sets it when attached, so ``log_format`` takes effect."""
-    if hasattr(parent, "setComponent") and config.core.log_format == "json":
-        parent.setComponent(ILogObserver, observe.json_observer(config.core.node_id))
-
-
-def _raise_open_file_limit():
-    """One socket per connection: use the hard open-file limit, not the soft default
-    (often 1024), as nginx's worker_rlimit_nofile would."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-_REQUIRED: Any = object()
+REQUIRED: Any = object()  # get()'s default: the key must be there
 
 
 class SettingError(Exception):
@@ -26,9 +26,9 @@ class Settings:
     def __init__(self, raw: Mapping[str, str]):
         self.raw = dict(raw)
 
-    def get(self, key: str, parse: Callable[[str], Any] = str, default: Any = _REQUIRED) -> Any:
+    def get(self, key: str, parse: Callable[[str], Any] = str, default: Any = REQUIRED) -> Any:
         if key not in self.raw:
-            if default is _REQUIRED:
+            if default is REQUIRED:
                 raise SettingError(key, "is required")
             return default
         try:

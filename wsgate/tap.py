@@ -1,15 +1,15 @@
 """``twistd wsgate``: command-line options and the service tree.
 
-``makeService`` loads and validates the config; a bad config or a port that
-cannot be bound prints one line (``wsgate: ...``) and exits 1, without a
-traceback and without twistd's usage text.
+``makeService`` loads and validates the config and returns the root service:
+:class:`wsgate.service.GatewayService` (one process) or, with ``workers`` > 1,
+:class:`wsgate.pool.WorkerPool`. A bad config, or a port that cannot be bound,
+prints one line (``wsgate: ...``) and exits 1, without a traceback and without
+twistd's usage text. Nothing in wsgate imports this module.
 """
-
-import sys
 
 from twisted.python import usage
 
-DEFAULT_CONFIG = "/etc/wsgate/wsgate.ini"
+from wsgate import DEFAULT_CONFIG
 
 
 class Options(usage.Options):
@@ -23,26 +23,24 @@ class Options(usage.Options):
     ]
 
 
-def fail(message):
-    """Print one line to standard error and exit 1 (start-up errors)."""
-    # twistd redirects sys.stderr into the log once logging starts; the
-    # operator should see the line on the real standard error.
-    stream = sys.__stderr__ or sys.stderr
-    stream.write(f"wsgate: {message}\n")
-    stream.flush()
-    raise SystemExit(1)
-
-
 def makeService(options):
+    """The root service for ``options["config"]``; exits 1 with one line on a bad config.
+
+    The gateway modules are imported here, not at the top: twistd imports this
+    module to parse the options (``twistd wsgate --help`` too), and the gateway
+    (reactor, Autobahn, TLS) is needed only once there is a config to run.
+    """
     from wsgate.config import ConfigError, load
-    from wsgate.service import GatewayService
+    from wsgate.startup import fail
 
     try:
         config = load(options["config"])
     except ConfigError as e:
         fail(str(e))
     if config.core.workers > 1:
-        from wsgate.workers import WorkerPool
+        from wsgate.pool import WorkerPool
 
         return WorkerPool(config)
+    from wsgate.service import GatewayService
+
     return GatewayService(config)

@@ -98,10 +98,6 @@ class ServerTLS:
                     "tls_sni_dir", path, "tls_sni_dir", path, min_version)
         return cls(default, sni)
 
-    @property
-    def hostnames(self):
-        return sorted(name.decode("ascii") for name in self._by_name)
-
     def _choose_by_sni(self, connection):
         name = connection.get_servername()
         if name:

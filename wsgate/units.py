@@ -5,7 +5,10 @@ Each parser takes the raw string and returns the typed value or raises
 the file, section and key.
 """
 
+from __future__ import annotations
+
 import re
+from collections.abc import Callable, Mapping
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -26,7 +29,7 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 
 
-def parse_duration(text):
+def parse_duration(text: str) -> float:
     """``500ms``, ``10s``, ``2m``, ``1h`` or a bare number of seconds → float seconds."""
     match = _DURATION.match(text)
     if not match:
@@ -37,7 +40,7 @@ def parse_duration(text):
     return value
 
 
-def positive_duration(text):
+def positive_duration(text: str) -> float:
     """A duration above 0 (:func:`parse_duration`)."""
     value = parse_duration(text)
     if value <= 0:
@@ -45,7 +48,7 @@ def positive_duration(text):
     return value
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """``64KiB``, ``1MiB``, ``1GiB`` or a bare number of bytes → int bytes."""
     match = _SIZE.match(text)
     if not match:
@@ -56,7 +59,7 @@ def parse_size(text):
     return value
 
 
-def parse_bool(text):
+def parse_bool(text: str) -> bool:
     """``yes/no``, ``true/false``, ``on/off``, ``1/0`` (any case) → bool."""
     value = text.strip().lower()
     if value in _TRUE:
@@ -66,14 +69,14 @@ def parse_bool(text):
     raise ValueError(f"expected yes or no, got {text!r}")
 
 
-def parse_list(text):
+def parse_list(text: str) -> tuple[str, ...]:
     """Comma-separated values, spaces ignored, empty items dropped → tuple of str."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def choice(*options):
+def choice(*options: str) -> Callable[[str], str]:
     """A parser accepting one of *options* (any case) → the lower-case option."""
-    def parse(text):
+    def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
@@ -81,7 +84,7 @@ def choice(*options):
     return parse
 
 
-def parse_positive_int(text):
+def parse_positive_int(text: str) -> int:
     """A whole number ≥ 1."""
     try:
         value = int(text.strip())
@@ -92,9 +95,9 @@ def parse_positive_int(text):
     return value
 
 
-def bounded_int(low, high):
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """A parser for a whole number from *low* to *high*."""
-    def parse(text):
+    def parse(text: str) -> int:
         try:
             value = int(text.strip())
         except ValueError:
@@ -105,7 +108,7 @@ def bounded_int(low, high):
     return parse
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     """The inverse of :func:`parse_duration` for display (``wsgate check``, logs)."""
     if seconds == 0:
         return "0"
@@ -114,7 +117,7 @@ def format_duration(seconds):
     return f"{seconds:g}s"
 
 
-def format_size(size):
+def format_size(size: int) -> str:
     """The inverse of :func:`parse_size` for display."""
     for unit, factor in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if size >= factor and size % factor == 0:
@@ -122,7 +125,7 @@ def format_size(size):
     return str(size)
 
 
-def non_empty(text):
+def non_empty(text: str) -> str:
     """Any text but blank → the text without surrounding spaces."""
     text = text.strip()
     if not text:
@@ -133,11 +136,11 @@ def non_empty(text):
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
-def placeholders(template):
+def placeholders(template: str) -> list[str]:
     """The ``{name}`` placeholders of a template (a channel or an upstream URL)."""
     return _PLACEHOLDER.findall(template)
 
 
-def fill_template(template, values):
+def fill_template(template: str, values: Mapping[str, str]) -> str:
     """*template* with each ``{name}`` replaced by ``values[name]``."""
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

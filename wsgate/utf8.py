@@ -15,7 +15,13 @@ of a UTF-16 surrogate), which it holds back waiting for more; that prefix
 is refused here explicitly.
 """
 
+from __future__ import annotations
+
 from codecs import utf_8_decode
+from typing import TypeAlias
+
+# (valid, ends_on_code_point, current_index, total_index), as Autobahn's validator
+Verdict: TypeAlias = "tuple[bool, bool, int, int]"
 
 
 class Utf8Validator:
@@ -23,15 +29,18 @@ class Utf8Validator:
 
     __slots__ = ("_pending", "_total", "_valid")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
+        """Start a new message."""
         self._pending = b""
         self._total = 0
         self._valid = True
 
-    def validate(self, chunk):
+    def validate(self, chunk: bytes) -> Verdict:
+        """The verdict on the message so far, *chunk* its latest bytes (see the module
+        docstring); once invalid, every later chunk is refused too."""
         if not self._valid:
             return (False, False, 0, self._total)
         pending = self._pending
@@ -50,7 +59,7 @@ class Utf8Validator:
         self._total += len(chunk)
         return (True, not rest, len(chunk), self._total)
 
-    def _invalid(self, index_in_chunk):
+    def _invalid(self, index_in_chunk: int) -> Verdict:
         self._valid = False
         index = max(0, index_in_chunk)
         self._total += index

@@ -1,9 +1,10 @@
-"""The ``wsgate.plugins`` namespace: policy and router factories found by twisted.plugin.
+"""The ``wsgate.plugins`` namespace: policy, router and target factories found by
+twisted.plugin.
 
 Third-party distributions ship a module ``wsgate/plugins/<name>.py`` (and no
 ``__init__.py`` files) providing objects that provide ``IPlugin`` and
-``IPolicyFactory`` (or ``IRouterFactory``); ``getPlugins`` finds them after
-``pip install``.
+``IPolicyFactory``, ``IRouterFactory`` or ``ITargetFactory``; ``getPlugins``
+finds them after ``pip install`` (entry points too: see :mod:`wsgate.discovery`).
 """
 
 from twisted.plugin import pluginPackagePaths

@@ -197,6 +197,8 @@ class PolicyChain:
                     if decision is not None and not isinstance(decision, (Allow, Deny)):
                         raise TypeError(f"check() returned {decision!r}, not None, "
                                         "Allow or Deny")
+                except defer.CancelledError:
+                    raise  # the client left while the policy decided: nothing to log
                 except Exception:
                     _log.failure("wsgate: policy {policy} raised on route {route}",
                                  policy=policy.name, route=self.route_name)

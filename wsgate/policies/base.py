@@ -1,14 +1,22 @@
 """Helpers for policy types: reading a section's settings, declaring a plugin."""
 
-from zope.interface import implementer
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 from wsgate import units
-from wsgate.interfaces import IPolicyFactory
+from wsgate.interfaces import IPolicy, IPolicyFactory
 from wsgate.settings import Settings
 
-def parse_rate(text):
+if TYPE_CHECKING:
+    from wsgate.policies import PolicyContext
+
+
+def parse_rate(text: str) -> tuple[float, float]:
     """``10/s``, ``100/m``, ``1000/h`` → (count, per-second rate)."""
     count, sep, unit = text.strip().partition("/")
     seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
@@ -24,8 +32,10 @@ def parse_rate(text):
 choice = units.choice
 
 
-def status_code(*allowed):
-    def parse(text):
+def status_code(*allowed: int) -> Callable[[str], int]:
+    """A parser accepting one of the HTTP statuses *allowed* → int."""
+    def parse(text: str) -> int:
+        value: int | None
         try:
             value = int(text)
         except ValueError:
@@ -40,12 +50,13 @@ def status_code(*allowed):
 class PolicyType:
     """A built-in policy type as a plugin: *build(name, settings, context)* makes the policy."""
 
-    def __init__(self, name, keys, build):
+    def __init__(self, name: str, keys: Iterable[str],
+                 build: Callable[[str, Settings, PolicyContext], IPolicy]):
         self.name = name
         self.keys = tuple(keys)
         self._build = build
 
-    def __call__(self, name, settings, context):
+    def __call__(self, name: str, settings: Mapping[str, str], context: PolicyContext) -> IPolicy:
         return self._build(name, Settings(settings), context)
 
 

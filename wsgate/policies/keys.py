@@ -1,7 +1,18 @@
 """What a per-client limit counts by: ``ip``, ``identity``, ``header:NAME`` or ``route``."""
 
+from __future__ import annotations
 
-def parse_key(text):
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from wsgate.policies import UpgradeRequest
+
+# ("ip" | "identity" | "route", None) or ("header", lower-case name)
+KeySpec: TypeAlias = "tuple[str, str | None]"
+
+
+def parse_key(text: str) -> KeySpec:
+    """A ``key = ...`` value → the spec :func:`key_of` reads; ``ValueError`` otherwise."""
     text = text.strip()
     lower = text.lower()
     if lower in ("ip", "identity", "route"):
@@ -11,7 +22,7 @@ def parse_key(text):
     raise ValueError(f"expected ip, identity, header:NAME or route, got {text!r}")
 
 
-def key_of(spec, request):
+def key_of(spec: KeySpec, request: UpgradeRequest) -> str:
     """The limit key of *request*; falls back to the client address when missing."""
     kind, name = spec
     if kind == "ip":

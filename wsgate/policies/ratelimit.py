@@ -15,7 +15,7 @@ import math
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from wsgate import units
+from wsgate import http, units
 from wsgate.interfaces import IPolicy, IPolicySession
 from wsgate.policies import DROP, Allow, Close, Deny, PolicyConfigError
 from wsgate.policies.base import PolicyType, choice, parse_rate
@@ -80,7 +80,7 @@ class RateLimitPolicy:
         self.local = Gcra(rate, burst, clock)
         self.rate, self.burst = rate, burst
         self.messages = messages  # (rate, burst, action) or None
-        self.shared = shared  # a wsgate.pubsub.redis.SharedLimiter, or None
+        self.shared = shared  # a wsgate.pubsub.limits.SharedLimiter, or None
         self.on_broker_down = on_broker_down
         self._warned_down = False
 
@@ -117,7 +117,7 @@ class RateLimitPolicy:
                       "{action} until it is back", name=self.name,
                       why=failure.getErrorMessage(), action=self.on_broker_down)
         if self.on_broker_down == "deny":
-            return Deny(503, "Rate limit unavailable", (("Retry-After", "5"),))
+            return Deny(503, "Rate limit unavailable", http.retry_after())
         return self._allowed()
 
 

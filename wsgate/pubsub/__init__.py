@@ -53,9 +53,6 @@ class LocalFanout:
     def channels(self):
         return list(self._channels)
 
-    def count(self, channel):
-        return len(self._channels.get(channel, ()))
-
     def fan_out(self, channel, message):
         """Hand *message* to every local subscriber of *channel*; return how many."""
         # A snapshot: a delivery may close a subscriber, which unsubscribes it.

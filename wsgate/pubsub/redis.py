@@ -208,7 +208,6 @@ class RedisBroker(MultiService):
         self.node_id = node_id
         self._sub = None  # the ready subscriber protocol, or None
         self._pub = None  # the ready publishing protocol, or None
-        self.stats = {"publish_failed": 0, "delivered": 0}
         url = parse_url(settings.url, settings.timeout)
         self._outage = _Outage(settings.name, f"{url['host']}:{url['port']}", reactor)
         endpoint = HostnameEndpoint(reactor, url["host"], url["port"], timeout=5)
@@ -290,12 +289,10 @@ class RedisBroker(MultiService):
         try:
             protocol = self.command()
         except BrokerDown as e:
-            self.stats["publish_failed"] += 1
             return defer.fail(e)
         d = protocol.publish(self.prefix + channel.encode(), encode(message))
 
         def failed(failure):
-            self.stats["publish_failed"] += 1
             return failure
         return d.addCallback(int).addErrback(failed)
 
@@ -305,7 +302,7 @@ class RedisBroker(MultiService):
         if not channel.startswith(self.prefix):
             return
         name = channel[len(self.prefix):].decode("utf-8", "replace")
-        self.stats["delivered"] += self.local.fan_out(name, decode(data))
+        self.local.fan_out(name, decode(data))
 
     @staticmethod
     def _log_failure(failure, command, channel):

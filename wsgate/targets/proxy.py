@@ -1,21 +1,14 @@
-"""Proxy routes: the upstream-first handshake and the frame-aware splice relay.
+"""``upstream = URL``: proxy routes, the upstream-first handshake.
 
-Handshake: the gateway sends the upstream its own upgrade request carrying the
-client's key, subprotocols and (when the listener allows compression)
-extension offers plus the forwarded headers, and answers the client only once
-the upstream has answered: its 101 (subprotocol, extensions, Accept) goes to
-the client unchanged, except that a permessage-deflate answer gains
+The gateway sends the upstream its own upgrade request carrying the client's
+key, subprotocols and (when the listener allows compression) extension offers
+plus the forwarded headers, and answers the client only once the upstream has
+answered: its 101 (subprotocol, extensions, Accept) goes to the client
+unchanged, except that a permessage-deflate answer gains
 ``client_no_context_takeover`` (see :func:`client_response`); a refused,
 unreachable or slow upstream is a 503, an upstream that answers with an HTTP
-error or breaks the handshake is a 502.
-
-Relay: bytes pass unchanged both ways while :class:`wsgate.frames.FrameScanner`
-reads frame headers (message counts, the client's limits, close codes, frame
-boundaries). The gateway injects its own control frames only at frame
-boundaries: keepalive pings (their pongs are swallowed), 1001 to the upstream
-when the client is gone, 1014 to the client when the upstream is lost, 1009,
-1008 or 1002 when a limit or a rule is broken. Each transport is the other's
-streaming producer (backpressure).
+error or breaks the handshake is a 502. Then :class:`ProxyHandover` hands
+both connections to :class:`wsgate.targets.relay.Relay`.
 """
 
 import base64
@@ -41,7 +34,6 @@ from wsgate.units import fill_template, placeholders
 _log = Logger()
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-RETRY_AFTER_SECONDS = 5
 
 
 def accept_value(key):
@@ -64,22 +56,20 @@ def upstream_request(request):
     target, match, head, listener = request.route.target, request.match, request.head, \
         request.listener
     path = target.request_target(match, head)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {target.host_header}",
-             "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {head.get('sec-websocket-key').strip()}",
-             "Sec-WebSocket-Version: 13"]
+    headers = [("Host", target.host_header), ("Upgrade", "websocket"),
+               ("Connection", "Upgrade"),
+               ("Sec-WebSocket-Key", head.get("sec-websocket-key").strip()),
+               ("Sec-WebSocket-Version", "13")]
     protocols = head.get_all("sec-websocket-protocol")
     if protocols:
-        lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+        headers.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
     extensions = head.get_all("sec-websocket-extensions")
     if extensions and listener.compression:
-        lines.append("Sec-WebSocket-Extensions: " + ", ".join(extensions))
-    for name, value in forwarded_headers(request.origin, head, request.connection.conn_id,
-                                         listener.is_tls, target.forward_headers):
-        lines.append(f"{name}: {value}")
-    for name, value in request.headers:  # from policies (e.g. the JWT identity)
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        headers.append(("Sec-WebSocket-Extensions", ", ".join(extensions)))
+    headers.extend(forwarded_headers(request.origin, head, request.connection.conn_id,
+                                     listener.is_tls, target.forward_headers))
+    headers.extend(request.headers)  # from policies (e.g. the JWT identity)
+    return http.render_head(f"GET {path} HTTP/1.1", headers)
 
 
 class UpstreamLeg(Protocol):
@@ -199,8 +189,12 @@ def open_upstream(request):
 
     def record_time(result):
         if not state.get("client_left"):
-            gateway.stats.upstream_connected(match.route.name, not isinstance(result, Failure),
+            failed = isinstance(result, Failure)
+            gateway.stats.upstream_connected(match.route.name, not failed,
                                              clock.seconds() - started)
+            if failed and result.check(http.HttpRefusal):  # unreachable or rejected
+                gateway.stats.upstream_error(match.route.name,
+                                             result.value.reason.replace("upstream_", ""))
         return result
     ready.addBoth(record_time)
     return ready
@@ -234,7 +228,7 @@ def _as_refusal(failure, target, route_name):
         _log.warn("wsgate: upstream {url} unreachable for route {route}: {why}",
                   url=target.display_url, route=route_name, why=failure.getErrorMessage())
         refusal = http.HttpRefusal(503, "upstream_unreachable", "Upstream unavailable",
-                                   [("Retry-After", str(RETRY_AFTER_SECONDS))],
+                                   http.retry_after(),
                                    route=route_name)
     elif failure.check(UpstreamRejected):
         _log.warn("wsgate: upstream {url} rejected the upgrade for route {route}: {why}",
@@ -280,14 +274,14 @@ def client_response(headers):
     (:class:`wsgate.frames.InflateLimit`). The upstream, whose decompressor
     keeps its context, reads such messages as they are.
     """
-    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade"]
+    answer = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
     for name, value in headers:
         if name.lower() in HOP_BY_HOP:
             continue
         if name.lower() == "sec-websocket-extensions":
             value = _without_client_context(value)
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        answer.append((name, value))
+    return http.render_head("HTTP/1.1 101 Switching Protocols", answer)
 
 
 @implementer(ITarget)

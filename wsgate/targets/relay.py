@@ -9,6 +9,7 @@ when the client is gone, 1014 to the client when the upstream is lost, 1009,
 streaming producer (backpressure).
 """
 
+import enum
 import os
 
 from twisted.internet.interfaces import IPushProducer
@@ -53,8 +54,36 @@ class _PauseReading:
             self.resumeProducing()
 
 
+class LegState(enum.Enum):
+    """Where one leg's close handshake stands. States only move forward::
+
+        OPEN ──close written──▶ CLOSE_SENT ──close read───▶ CLOSED
+        OPEN ──close read─────▶ CLOSE_RECEIVED ──close written──▶ CLOSED
+        any ──connection lost──▶ LOST
+
+    A close frame is "written" to a leg by the gateway or relayed from the
+    other leg (:attr:`_Leg.close_from` says which); "read" means the leg's
+    peer sent it. ``CLOSED`` is the close handshake done: the TCP connection
+    may end. ``LOST`` is final: nothing is written to a lost leg.
+    """
+
+    OPEN = "open"
+    CLOSE_SENT = "close sent"  # a close frame went to this side; its answer is awaited
+    CLOSE_RECEIVED = "close received"  # this side closed; no close frame went to it yet
+    CLOSED = "closed"  # a close frame went each way
+    LOST = "lost"  # its connection is gone
+
+
+# Module-level names for the per-frame checks (an Enum member lookup through its class
+# costs more than a global).
+OPEN, CLOSE_SENT, CLOSE_RECEIVED, CLOSED, LOST = LegState
+
+GATEWAY = "gateway"  # _Leg.close_from: the gateway wrote the close frame itself
+
+
 class _Leg:
-    """One side of the relay: its transport, its inbound scanner, its close state."""
+    """One side of the relay: its transport, its inbound scanner, where its close
+    handshake stands (:class:`LegState`) and its own two timers (keepalive, close)."""
 
     def __init__(self, name, transport, scanner, masked_out):
         self.name = name
@@ -63,41 +92,73 @@ class _Leg:
         self.masked_out = masked_out  # frames the gateway writes *to* this side
         self.producer = None  # the _PauseReading registered on this transport
         self.pending = []  # gateway frames waiting for a frame boundary
-        self.close_sent = False  # a close frame went to this side
-        self.close_by_gateway = False  # ... and the gateway wrote it
-        self.close_out = None  # (code, reason) of that close frame
-        self.close_received = None  # (code, reason) this side sent
-        self.received_first = False  # its close came before any close went to it
-        self.lost = False
+        self.state = OPEN
+        self.close_from = None  # who wrote the close frame to this side: GATEWAY, or the
+        #                         other leg's name when its peer's close was relayed
+        self.first_close = None  # (code, reason) of the first close frame on this
+        #                          connection, whichever way it went
+        self.reply_code = None  # the code of the close frame that answered it
         self.ping_payload = None
-        self.ping_timer = None
-        self.close_timer = None
+        self.ping_timer = None  # the next ping, or the deadline of the unanswered one
+        self.close_timer = None  # the deadline of the close handshake (then dropped)
 
-    @property
-    def handshake_done(self):
-        """A close frame went each way: the TCP connection may be closed."""
-        return self.close_sent and self.close_received is not None
+    def __repr__(self):
+        return f"<_Leg {self.name} {self.state.value}>"
 
-    def closed_by_peer(self, code, reason):
-        """Record the close frame (*code*, *reason*) this side sent."""
-        self.close_received = (code, reason)
-        self.received_first = not self.close_sent
+    def can_take_close(self):
+        """Whether a close frame may still go to this side (none went yet, not lost)."""
+        return self.state is OPEN or self.state is CLOSE_RECEIVED
 
-    def closed_by_relay(self, code, reason, by_gateway):
-        """Record the close frame (*code*, *reason*) written to this side."""
-        self.close_sent = True
-        self.close_by_gateway = by_gateway
-        self.close_out = (code, reason)
+    def takes_frames(self):
+        """Whether frames from the other side still go to this one: not once it is lost
+        nor once the gateway closed it (nothing follows the gateway's close frame)."""
+        return self.state is not LOST and self.close_from != GATEWAY
+
+    def close_read(self, code, reason):
+        """This side's peer sent the close frame (*code*, *reason*).
+
+        OPEN → CLOSE_RECEIVED (it is the first close frame on the connection),
+        CLOSE_SENT → CLOSED (it answers the one written). A second close frame
+        from the same peer changes nothing.
+        """
+        if self.state is OPEN:
+            self.state, self.first_close = CLOSE_RECEIVED, (code, reason)
+        elif self.state is CLOSE_SENT:
+            self.state, self.reply_code = CLOSED, code
+
+    def close_written(self, code, reason, writer):
+        """The close frame (*code*, *reason*) went to this side, written by *writer*
+        (:data:`GATEWAY` or the other leg's name): OPEN → CLOSE_SENT,
+        CLOSE_RECEIVED → CLOSED. Callers check :meth:`can_take_close` first."""
+        if self.state is OPEN:
+            self.state, self.first_close = CLOSE_SENT, (code, reason)
+        elif self.state is CLOSE_RECEIVED:
+            self.state, self.reply_code = CLOSED, code
+        else:
+            raise RuntimeError(f"a close frame written to the {self.name} leg in state "
+                               f"{self.state.value}")
+        self.close_from = writer
+
+    def connection_lost(self):
+        """Any state → LOST; neither of its timers runs any more."""
+        self.state = LOST
+        self.ping_timer = _cancelled(self.ping_timer)
+        self.close_timer = _cancelled(self.close_timer)
 
     def close_frames(self):
         """``(code, reason, reply code)``: the first close frame on this connection,
         whoever sent it, and the code of the answer; ``(None, "", None)`` without one."""
-        first, reply = self.close_out, self.close_received
-        if self.received_first:
-            first, reply = reply, first
-        if first is None:
+        if self.first_close is None:
             return None, "", None
-        return first[0], first[1], None if reply is None else reply[0]
+        code, reason = self.first_close
+        return code, reason, self.reply_code
+
+
+def _cancelled(call):
+    """Cancel the DelayedCall *call* if it is still pending; None, to store in its place."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
 
 
 def _message_hook(connection, sessions, direction, log_messages):
@@ -131,11 +192,13 @@ class Relay:
     forbidden on the wire, from either side, gets 1002 and is not relayed;
     the other side gets 1001.
 
-    Closing: a side whose close handshake is over is ended (the client: TCP
-    closed by the gateway; the upstream: it closes TCP itself), and every side
-    the gateway waits on is dropped after ``_CLOSE_TIMEOUT``. Producers are
-    unregistered before a transport is closed: a TLS transport's
-    ``loseConnection`` waits for its producer.
+    Each leg's close handshake is a :class:`LegState`. Closing: a leg in
+    ``CLOSED`` is ended (the client: TCP closed by the gateway; the upstream:
+    it closes TCP itself), and every leg the gateway waits on is dropped after
+    ``_CLOSE_TIMEOUT`` (its own close timer). Producers are unregistered
+    before a transport is closed: a TLS transport's ``loseConnection`` waits
+    for its producer. Once both legs are ``LOST`` the connection is
+    unregistered with the client leg's close frames and who closed first.
     """
 
     def __init__(self, gateway, listener, route, connection, client_transport, upstream_leg,
@@ -159,7 +222,7 @@ class Relay:
         self.ping_timeout = listener.ping_timeout
         self.idle = IdleTimer(self.clock, idle_timeout(route, listener), self._idle)
         self._finished = False
-        self._closed_by = None
+        self._closed_by = None  # who closed first: "client", "upstream" or "gateway"
         upstream_leg.relay = self
         connection.protocol = self  # the admin API's kick and the drain close through it
         for leg, other in ((self.client, self.upstream), (self.upstream, self.client)):
@@ -178,6 +241,11 @@ class Relay:
         if client_bytes:
             self.from_client(client_bytes)
 
+    def _closing(self, who):
+        """*who* (a leg's name, or ``gateway``) started closing, unless someone did first."""
+        if self._closed_by is None:
+            self._closed_by = who
+
     # -- data in
 
     def from_client(self, data):
@@ -191,7 +259,7 @@ class Relay:
         before_messages, before_bytes = scanner.messages, scanner.payload_bytes
         for item in scanner.feed(data):
             if type(item) is bytes:
-                if not sink.lost and not (sink.close_sent and sink.close_by_gateway):
+                if sink.state is OPEN or sink.takes_frames():
                     sink.transport.write(item)
             elif type(item) is frames.ControlFrame:
                 self._control(source, sink, item)
@@ -223,46 +291,44 @@ class Relay:
         if opcode == frames.OP_CLOSE:
             self._close_frame(source, sink, frame)
             return
-        if sink.close_sent and sink.close_by_gateway:
-            return  # the gateway closed that side: nothing more goes to it
-        if not sink.lost:
+        if sink.takes_frames():
             sink.transport.write(frame.raw)
 
     def _close_frame(self, source, sink, frame):
         """*source* sent a (valid) close frame: relay it, or answer it ourselves."""
-        source.closed_by_peer(*frame.close_code_reason())
-        if source.close_by_gateway:  # the answer to the gateway's own close
+        code, reason = frame.close_code_reason()
+        source.close_read(code, reason)
+        if source.close_from == GATEWAY:  # the answer to the gateway's own close
             self._end(source)
             return
-        if self._closed_by is None:
-            self._closed_by = source.name
-        if sink.lost or sink.close_sent:
+        self._closing(source.name)
+        if not sink.can_take_close():
             # Nobody to relay to: answer the close ourselves, then end this side.
-            code, reason = source.close_received
             self._send_close(source, code, reason)
             self._end(source)
             return
-        sink.closed_by_relay(*frame.close_code_reason(), by_gateway=False)
-        if not sink.lost:
-            sink.transport.write(frame.raw)
+        sink.close_written(code, reason, source.name)
+        sink.transport.write(frame.raw)
         for leg in (source, sink):  # a reply ends both handshakes; a first close neither
-            if leg.handshake_done:
+            if leg.state is CLOSED:
                 self._end(leg)
+        # A first close relayed: the side it went to has _CLOSE_TIMEOUT to answer, or
+        # it is dropped (a silent upstream must not hold the client for ever).
+        self._end_later(sink)
 
     def _violation(self, source, sink, violation):
         """*source* broke a rule: it gets *violation*'s close, *sink* 1001."""
         if violation.closed is not None:  # its own close frame was the offence
-            source.closed_by_peer(*violation.closed)
-            if self._closed_by is None:
-                self._closed_by = source.name
-        elif self._closed_by is None:
-            self._closed_by = "gateway"
+            source.close_read(*violation.closed)
+            self._closing(source.name)
+        else:
+            self._closing(GATEWAY)
         self._send_close(source, violation.code, violation.reason)
         self._send_close(sink, 1001, "going away")
         if not source.scanner.at_boundary:
             self._hang_up(sink, abort=True)  # cut inside a frame: no close frame possible
         for leg in (source, sink):
-            if leg.handshake_done:
+            if leg.state is CLOSED:
                 self._end(leg)
             else:
                 self._end_later(leg)
@@ -271,7 +337,7 @@ class Relay:
 
     def _send(self, leg, opcode, payload):
         """Write a gateway frame to *leg* now if the stream is at a frame boundary."""
-        if leg.lost:
+        if leg.state is LOST:
             return
         frame = frames.control_frame(opcode, payload, masked=leg.masked_out)
         other = self.upstream if leg is self.client else self.client
@@ -282,21 +348,20 @@ class Relay:
 
     def _send_close(self, leg, code, reason):
         """The gateway's close frame to *leg* (once per side; none to a lost side)."""
-        if leg.lost or leg.close_sent:
+        if not leg.can_take_close():
             return
         payload = frames.close_payload(code, reason)
-        leg.closed_by_relay(code, payload[2:].decode("utf-8"), by_gateway=True)  # as sent
+        leg.close_written(code, payload[2:].decode("utf-8"), GATEWAY)  # the reason as sent
         self._send(leg, frames.OP_CLOSE, payload)
 
     def _flush(self, leg):
         pending, leg.pending = leg.pending, []
-        if not leg.lost:
+        if leg.state is not LOST:
             leg.transport.write(b"".join(pending))
 
     def close_with(self, code, reason):
         """Close both sides from the gateway (idle timeout, kick, drain)."""
-        if self._closed_by is None:
-            self._closed_by = "gateway"
+        self._closing(GATEWAY)
         for leg in (self.client, self.upstream):
             self._send_close(leg, code, reason)
             self._end_later(leg)
@@ -304,12 +369,12 @@ class Relay:
     # -- keepalive per leg
 
     def _schedule_ping(self, leg):
-        if self.ping_interval and not leg.lost:
+        if self.ping_interval and leg.state is not LOST:
             leg.ping_timer = self.clock.callLater(self.ping_interval, self._ping, leg)
 
     def _ping(self, leg):
         leg.ping_timer = None
-        if leg.close_sent:
+        if not leg.can_take_close():
             return  # no frame after a close; the close timer ends the leg
         leg.ping_payload = os.urandom(8)
         self._send(leg, frames.OP_PING, leg.ping_payload)
@@ -317,13 +382,12 @@ class Relay:
 
     def _pong(self, leg):
         leg.ping_payload = None
-        self._cancel(leg, "ping_timer")
+        leg.ping_timer = _cancelled(leg.ping_timer)
         self._schedule_ping(leg)
 
     def _ping_unanswered(self, leg):
         leg.ping_timer = None
-        if self._closed_by is None:
-            self._closed_by = "gateway"
+        self._closing(GATEWAY)
         self._hang_up(leg, abort=True)  # the peer is gone
 
     # -- idle timeout
@@ -343,7 +407,7 @@ class Relay:
 
     def _end_later(self, leg):
         """Give *leg* time to finish its close handshake, then drop it."""
-        if leg.lost or leg.close_timer is not None:
+        if leg.state is LOST or leg.close_timer is not None:
             return
         leg.close_timer = self.clock.callLater(_CLOSE_TIMEOUT, self._drop, leg)
 
@@ -353,7 +417,7 @@ class Relay:
 
     def _hang_up(self, leg, abort=False):
         """Close *leg*'s connection; its producer is unregistered first (TLS waits for it)."""
-        if leg.lost:
+        if leg.state is LOST:
             return
         self._release(leg)
         if abort:
@@ -372,8 +436,7 @@ class Relay:
     def client_lost(self):
         client, upstream = self.client, self.upstream
         self._leg_lost(client)
-        if self._closed_by is None:
-            self._closed_by = "client"
+        self._closing(client.name)
         self._send_close(upstream, 1001, "going away")
         if upstream.pending and not client.scanner.at_boundary:
             self._hang_up(upstream, abort=True)  # cut mid-frame: nothing to finish
@@ -384,12 +447,11 @@ class Relay:
     def upstream_lost(self):
         client, upstream = self.client, self.upstream
         self._leg_lost(upstream)
-        if self._closed_by is None:
-            self._closed_by = "upstream"
+        self._closing(upstream.name)
         self._send_close(client, 1014, "upstream lost")
         if client.pending and not upstream.scanner.at_boundary:
             self._hang_up(client, abort=True)  # cut mid-frame: no close frame possible
-        elif client.handshake_done:
+        elif client.state is CLOSED:
             self._end(client)
         else:
             self._end_later(client)  # wait for the client's answer
@@ -397,25 +459,16 @@ class Relay:
 
     def _leg_lost(self, leg):
         """*leg*'s connection is gone: no producer refers to it, no timer runs for it."""
-        leg.lost = True
+        leg.connection_lost()
         self._release(leg)
         self._release(self.upstream if leg is self.client else self.client)  # pauses *leg*
-        self._cancel(leg, "ping_timer")
-        self._cancel(leg, "close_timer")
         fastpath.release(leg.transport)
 
-    @staticmethod
-    def _cancel(leg, attr):
-        timer = getattr(leg, attr)
-        if timer is not None and timer.active():
-            timer.cancel()
-        setattr(leg, attr, None)
-
     def _maybe_finish(self):
-        if self._finished or not (self.client.lost and self.upstream.lost):
+        if self._finished or not (self.client.state is LOST and self.upstream.state is LOST):
             return
         self._finished = True
         self.idle.cancel()
         code, reason, reply = self.client.close_frames()
-        self.gateway.unregister(self.connection, code, reason, self._closed_by or "gateway",
+        self.gateway.unregister(self.connection, code, reason, self._closed_by or GATEWAY,
                                 reply)

@@ -7,8 +7,10 @@ builds a :class:`TerminatedProtocol` bound to a fresh
 enforces the limits (``max_message_size``, ``max_fragments``, control frames
 per second, ``max_send_buffer``), runs the per-message policies, counts, and
 turns WebSocket events into calls on the app. Autobahn's defaults that a
-gateway does not want are overridden in :func:`make_websocket_factory` (see
-CONVENTIONS.md in the project's shared docs).
+gateway does not want are overridden in :func:`make_websocket_factory`: no
+HTML status page (and its open redirect), version 13 only, real message
+limits (Autobahn's 0 is unlimited), a close frame rather than a dropped
+connection on errors, and the peer's close code echoed, not 1000.
 """
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -244,26 +246,28 @@ class TerminatedProtocol(WebSocketServerProtocol):
         return True
 
     def send(self, payload, is_binary):
-        """Send one message to the client (counted)."""
-        if self.policy_sessions and self._refused_by_policy("out", is_binary, len(payload)):
-            return
-        if self.state == self.STATE_OPEN:
-            self.connection.messages_out += 1
-            self.connection.bytes_out += len(payload)
-            if self.log_messages:
-                log_message(self.connection, "sent", len(payload), is_binary)
+        """Send one message to the client (counted, subject to per-message policies)."""
+        if self._may_send(len(payload), is_binary):
             self.sendMessage(payload, is_binary)
 
     def send_prepared(self, prepared, size, is_binary):
-        if self.policy_sessions and self._refused_by_policy("out", is_binary, size):
-            return
-        if self.state == self.STATE_OPEN:
-            self.connection.messages_out += 1
-            self.connection.bytes_out += size
-            self.idle.touch()
-            if self.log_messages:
-                log_message(self.connection, "sent", size, is_binary)
+        """Send a message framed once for many subscribers (a broadcast delivery)."""
+        if self._may_send(size, is_binary):
             self.sendPreparedMessage(prepared)
+
+    def _may_send(self, size, is_binary):
+        """Whether a message of *size* bytes may go to the client now; if so it is
+        counted, logged (``log_messages``) and keeps the connection from idling."""
+        if self.policy_sessions and self._refused_by_policy("out", is_binary, size):
+            return False
+        if self.state != self.STATE_OPEN:
+            return False
+        self.connection.messages_out += 1
+        self.connection.bytes_out += size
+        self.idle.touch()
+        if self.log_messages:
+            log_message(self.connection, "sent", size, is_binary)
+        return True
 
     def sendData(self, data, sync=False, chopsize=None):
         WebSocketServerProtocol.sendData(self, data, sync, chopsize)
@@ -370,12 +374,8 @@ class ApplicationTarget:
 
     def accept(self, request):
         """The terminated protocol for *request*, bound to a new app."""
-        from wsgate import fastpath_autobahn
-
         listener, route = request.listener, request.route
-        factory = request.gateway.websocket_factory(listener)
-        protocol = fastpath_autobahn.protocol_class(factory, request.fast)()
-        protocol.factory = factory
+        protocol = request.gateway.websocket_protocol(listener)
         if route.max_message_size is not None:
             protocol.maxMessagePayloadSize = route.max_message_size
             protocol.maxFramePayloadSize = min(listener.max_frame_size, route.max_message_size)

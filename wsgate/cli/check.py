@@ -1,9 +1,10 @@
 """``wsgate check``: validate a config as start-up does and show what it means.
 
-The validation is :func:`wsgate.config.load`, the very function ``twistd
-wsgate`` calls, so a file that passes here passes at start-up (a port already
-in use aside: nothing listens here). On success it prints the effective
-listeners and the routes in the order the router tries them.
+The validation is :func:`wsgate.config.load` (parse, then build: TLS contexts,
+policies, targets), the very function ``twistd wsgate`` calls, so a file that
+passes here passes at start-up, a port already in use aside: nothing listens
+here and the reactor is not run. On success it prints the effective listeners
+and the routes in the order the router tries them.
 """
 
 import dataclasses
@@ -14,7 +15,8 @@ from wsgate.routing import build_router
 
 
 def run(path, out=None, err=None, quiet=False):
-    """Check the config at *path*; print the tables or the one-line error. Return 0 or 1."""
+    """Check the config at *path*; print the tables (not if *quiet*) on *out* and return 0,
+    or print the one-line start-up error on *err* and return 1."""
     from wsgate.config import ConfigError, load
 
     out = out or sys.stdout
@@ -36,7 +38,7 @@ def render(config):
         f"{config.path}: OK ({_count(len(config.listeners), 'listener')}, "
         f"{_count(len(routes), 'route')})\n",
         _core_line(config.core),
-        _admin_line(getattr(config, "admin", None)),
+        _admin_line(config.admin),
         "\n",
         table(["LISTENER", "ENDPOINT", "TLS", "HANDSHAKE", "PING", "IDLE", "MAX MESSAGE",
                "COMPRESSION"], [_listener_row(listener) for listener in config.listeners]),
@@ -111,26 +113,20 @@ def _route_row(route):
         route.path.text,
         "all" if route.listeners is None else ",".join(route.listeners),
         route.target.describe(),
-        _policy_names(getattr(route, "policies", ())),
+        _policy_names(route.policies),
         " ".join(overrides),
     ]
 
 
 def _policy_names(policies):
-    """A route's policies (``IPolicy`` providers, or names) as ``name`` / ``name(shadow)``."""
-    names = []
-    for policy in policies or ():
-        if isinstance(policy, str):
-            names.append(policy)
-            continue
-        name = getattr(policy, "name", None) or policy.__class__.__name__
-        names.append(f"{name}(shadow)" if getattr(policy, "mode", None) == "shadow" else name)
-    return ",".join(names)
+    """A route's ``IPolicy`` providers, in order, as ``name`` or ``name(shadow)``."""
+    return ",".join(f"{policy.name}(shadow)" if policy.mode == "shadow" else policy.name
+                    for policy in policies)
 
 
 def _admin_line(admin):
     """``[admin]`` without its secret: the endpoint and whether a token is set."""
     if admin is None:
         return "[admin] none (no admin endpoint)\n"
-    token = "token set" if getattr(admin, "token", None) else "no token"
+    token = "token set" if admin.token else "no token"
     return f"[admin] {admin.endpoint} ({token})\n"

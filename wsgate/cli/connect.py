@@ -32,6 +32,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from wsgate import __version__
+from wsgate.http import TOKEN_CHARS
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -52,12 +53,9 @@ _RESERVED_HEADERS = {
     "sec-websocket-protocol": "-s",
     "sec-websocket-extensions": "--compress",
 }
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Response headers worth showing when a handshake is refused.
 _REFUSAL_HEADERS = ("retry-after", "www-authenticate", "allow", "sec-websocket-version",
                     "upgrade", "location")
-
 
 
 # --------------------------------------------------------------------- options
@@ -103,7 +101,7 @@ def parse_header(text):
     """``'Name: value'`` → ``(name, value)``; raise ``ValueError``."""
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
-    if not colon or not name or not set(name) <= _TOKEN_CHARS:
+    if not colon or not name or not set(name) <= TOKEN_CHARS:
         raise ValueError(f"-H expects 'Name: value', got {text!r}")
     if "\r" in value or "\n" in value:
         raise ValueError(f"-H {name}: the value may not contain a line break")

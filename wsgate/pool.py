@@ -2,9 +2,10 @@
 
 The parent binds every listener (so a port in use is still one line at start-up),
 stops accepting on them itself, and starts N ``python -m wsgate.worker``
-processes that inherit the sockets and adopt them (``adoptStreamPort``): the
-kernel hands each new connection to one worker. Broadcast channels are shared
-through the configured Redis broker, as between machines.
+processes (:mod:`wsgate.worker`) that inherit the sockets and adopt them
+(``AdoptedStreamServerEndpoint``): the kernel hands each new connection to one
+worker. Broadcast channels are shared through the configured Redis broker, as
+between machines.
 
 Signals from outside go to the parent only (the unit sets ``KillMode=mixed``):
 SIGTERM is forwarded and the parent exits 0 once every worker has drained (a
@@ -24,13 +25,14 @@ from twisted.internet import protocol, reactor
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from wsgate import observe
+from wsgate import observe, startup
+from wsgate.admin import bound_requests
 from wsgate.config import ConfigError, load
-from wsgate.service import BindError, bind
-from wsgate.tap import fail
+from wsgate.pool_admin import PoolAdminSite
+from wsgate.startup import ListeningService
 
 _log = Logger()
-RESTART_DELAY = 1.0
+RESTART_DELAY = 1.0  # seconds before a worker that ended is started again
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -47,75 +49,77 @@ class _Worker(protocol.ProcessProtocol):
 
 
 class WorkerPool(service.MultiService):
-    """The parent process's service: the sockets, the workers, the pooled admin endpoint."""
+    """The parent process's service: the sockets, the workers, the pooled admin endpoint.
+
+    Its children bind every ``[listen:NAME]`` (and ``[admin]``) in
+    ``privilegedStartService``, as a single process would; the listening
+    sockets are then kept open but not read (:attr:`sockets`), and
+    ``startService`` starts the workers, which inherit them.
+    """
 
     def __init__(self, config):
         super().__init__()
-        from wsgate.service import _raise_open_file_limit
-
-        _raise_open_file_limit()
+        startup.raise_open_file_limit()
         self.config = config
         self.count = config.core.workers
-        self.sockets = {}  # listener name → (fd, family, port)
+        self.sockets = {}  # listener name → (fd, address family), once bound
         self.workers = {}  # index → _Worker
         self.control_dir = tempfile.mkdtemp(prefix="wsgate-workers-")
         self.stopping = 0
         self._kill_call = None
+        for listener in config.listeners:  # Factory(): the parent never accepts
+            ListeningService(startup.server_endpoint(reactor, listener.endpoint, listener.backlog),
+                             Factory(), f"{listener.endpoint} ([listen:{listener.name}])",
+                             self._keep_socket(listener)).setServiceParent(self)
+        if config.admin is not None:
+            ListeningService(startup.server_endpoint(reactor, config.admin.endpoint),
+                             bound_requests(PoolAdminSite(self)),
+                             f"{config.admin.endpoint} ([admin])",
+                             self._admin_bound).setServiceParent(self)
 
     def setServiceParent(self, parent):
-        from wsgate.service import install_log_format
-
-        install_log_format(parent, self.config)
+        startup.install_log_format(parent, self.config)
         return super().setServiceParent(parent)
 
     def control_path(self, index):
+        """The UNIX socket on which worker *index* answers the admin API (unauthenticated:
+        in a directory only this user can enter)."""
         return os.path.join(self.control_dir, f"worker-{index}.sock")
 
     # -- start-up
 
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        for listener in self.config.listeners:
-            try:
-                port = bind(listener.endpoint, Factory(), f"[listen:{listener.name}]",
-                            listener.backlog)
-            except BindError as e:
-                fail(str(e))
+    def _keep_socket(self, listener):
+        def bound(port):
             port.stopReading()  # the workers accept; the parent only keeps the socket
             family = getattr(port, "addressFamily", None) or port.socket.family
-            self.sockets[listener.name] = (port.fileno(), int(family), port)
-            address = port.getHost()
-            observe.emit(
-                "wsgate.listening", "listening on {address} ([listen:{listener}], "
-                "{workers} workers)", listener=listener.name, workers=self.count,
-                address=observe.format_address(address), host=getattr(address, "host", None),
-                port=getattr(address, "port", None), tls=listener.is_tls)
-        if self.config.admin is not None:
-            from wsgate.admin import bound_requests
-            from wsgate.pool_admin import PoolAdminSite
+            self.sockets[listener.name] = (port.fileno(), int(family))
+            startup.announce_listening(
+                port, "listening on {address} ([listen:{listener}], {workers} workers)",
+                listener=listener.name, tls=listener.is_tls, workers=self.count)
+        return bound
 
-            try:
-                self.admin_port = bind(self.config.admin.endpoint,
-                                       bound_requests(PoolAdminSite(self)), "[admin]")
-            except BindError as e:
-                fail(str(e))
-            address = self.admin_port.getHost()
-            observe.emit("wsgate.listening", "admin listening on {address}", listener="admin",
-                         address=observe.format_address(address),
-                         host=getattr(address, "host", None),
-                         port=getattr(address, "port", None), tls=False)
+    @staticmethod
+    def _admin_bound(port):
+        startup.announce_listening(port, "admin listening on {address}", listener="admin",
+                                   tls=False)
 
     def startService(self):
         super().startService()
         for index in range(self.count):
             self.spawn(index)
-        reactor.callWhenRunning(self._install_signal_handlers)
+        reactor.callWhenRunning(self._ready)
+
+    def _ready(self):
+        """The reactor runs: SIGTERM/SIGINT stop, SIGHUP reloads; say ``wsgate.ready``."""
+        startup.handle_signals(reactor, stop=self.stop, reload=self.reload)
+        observe.emit("wsgate.ready", "wsgate ready (node {node}, {workers} workers)",
+                     node=self.config.core.node_id, workers=self.count)
 
     def spawn(self, index):
         args = [sys.executable, "-m", "wsgate.worker", "--config", self.config.path,
                 "--index", str(index), "--control", self.control_path(index)]
         child_fds = {0: "w", 1: 1, 2: 2}
-        for name, (fd, family, _) in self.sockets.items():
+        for name, (fd, family) in self.sockets.items():
             args += ["--listen", f"{name}={fd}:{family}"]
             child_fds[fd] = fd
         worker = _Worker(self, index)
@@ -123,20 +127,10 @@ class WorkerPool(service.MultiService):
                              childFDs=child_fds)
         self.workers[index] = worker
 
-    def _install_signal_handlers(self):
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
-        observe.emit("wsgate.ready", "wsgate ready (node {node}, {workers} workers)",
-                     node=self.config.core.node_id, workers=self.count)
-
-    def _on_signal(self, signum, frame):
-        action = self.reload if signum == signal.SIGHUP else self.stop
-        reactor.callFromThread(action)
-
     # -- workers
 
     def alive(self):
+        """The workers whose process has not ended (restarts replace their entry)."""
         return [w for w in self.workers.values() if not w.ended]
 
     def _send(self, signum):
@@ -147,6 +141,8 @@ class WorkerPool(service.MultiService):
                 pass
 
     def worker_ended(self, worker, code, signum):
+        """A worker's process ended: start it again after :data:`RESTART_DELAY`, or, while
+        stopping, exit once none is left."""
         if self.stopping:
             if not self.alive():
                 self._finish()
@@ -177,10 +173,7 @@ class WorkerPool(service.MultiService):
         self._send(signal.SIGKILL)
 
     def _finish(self):
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        if reactor.running:
-            reactor.stop()
+        startup.stop(reactor, self._kill_call)
 
     def reload(self):
         """SIGHUP: check the file here, then let every worker reload it."""
@@ -198,8 +191,3 @@ class WorkerPool(service.MultiService):
         self.config = config
         self._send(signal.SIGHUP)
         _log.info("wsgate: reload forwarded to {n} workers", n=len(self.alive()))
-
-    def stopService(self):
-        for _, _, port in self.sockets.values():
-            port.stopListening()
-        return super().stopService()

@@ -1,134 +1,74 @@
-"""The INI config file → frozen, validated settings.
+"""The parse step: the INI file → plain, validated data (:class:`Parsed`), no side effects.
 
-Everything downstream reads these dataclasses, never raw strings. Every error
-is a :class:`ConfigError` whose text names the file, the section, the key and
-what was expected, so start-up can print it as one line and exit 1.
+Values are typed and checked here (durations, sizes, endpoints, patterns,
+cross-references between sections); nothing is built that holds files,
+sockets or timers: TLS contexts, policies, routers and targets are made by
+:mod:`wsgate.config.build` from what this returns. Every error is a
+:class:`~wsgate.config.model.ConfigError` naming the file, the section and
+the key.
 """
 
 import configparser
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from wsgate import targets, units
+from wsgate import units
+from wsgate.config.model import (
+    AdminSettings,
+    BrokerSettings,
+    ConfigError,
+    CoreSettings,
+    ListenerSettings,
+    TLSFiles,
+)
 from wsgate.forwarding import parse_networks
-from wsgate.settings import SettingError
+from wsgate.settings import REQUIRED, SettingError, Settings
 from wsgate.routing import HostPattern, PathPattern
 
 
-class ConfigError(Exception):
-    """A config problem, printed as ``<file>: [section] key: message``."""
+@dataclass
+class RouteSection:
+    """A ``[route:NAME]`` with its routing keys parsed; its target and policies are built
+    later (``section`` still holds the target's raw keys)."""
 
-    def __init__(self, path, section, key, message):
-        self.path, self.section, self.key, self.message = path, section, key, message
-        where = f"[{section}]" if section else ""
-        if key:
-            where += f" {key}"
-        super().__init__(f"{path}: {where}: {message}" if where else f"{path}: {message}")
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class CoreSettings:
-    """``[wsgate]``: process-wide settings."""
-
-    node_id: str
-    log_format: str = "text"
-    max_connections: int = 50000
-    broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
-    drain_timeout: float = 30.0
-    log_messages: bool = False
-    metrics: bool = True
-    fast_paths: bool = True
-    workers: int = 1
-    router: str = "default"  # an IRouterFactory plugin name or package.module:factory
-
-
-@dataclass(frozen=True)
-class AdminSettings:
-    """``[admin]``: the admin HTTP endpoint (health, metrics, publish, connections)."""
-
-    endpoint: str = "tcp:8081:interface=127.0.0.1"
-    token: str = None
-    max_publish_size: int = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """``[broker:NAME]``: where broadcast channels (and shared rate limits) live."""
-
-    name: str
-    type: str  # "memory" or "redis"
-    url: str = None
-    prefix: str = "wsgate:"
-    timeout: float = 2.0  # per Redis command
-    ca: str = None  # PEM CA file for rediss://
-
-
-@dataclass(frozen=True)
-class ListenerSettings:
-    """``[listen:NAME]``: one listening endpoint and its per-connection limits."""
-
-    name: str
-    endpoint: str
-    tls: object = field(default=None, compare=False, repr=False)  # wsgate.tls.ServerTLS
-    handshake_timeout: float = 10.0
-    ping_interval: float = 30.0
-    ping_timeout: float = 10.0
-    idle_timeout: float = 0.0
-    max_message_size: int = 1024 * 1024
-    max_frame_size: int = 1024 * 1024
-    compression: bool = False
-    trusted_proxies: tuple = ()  # ipaddress networks whose X-Forwarded-For is believed
-    max_fragments: int = 1024  # frames per message; beyond it 1009
-    backlog: int = 1024  # the listen() queue of not yet accepted connections
-
-    @property
-    def is_tls(self):
-        return self.tls is not None or self.endpoint.split(":", 1)[0] in ("ssl", "tls")
-
-
-@dataclass(frozen=True)
-class RouteSettings:
-    """``[route:NAME]``: which requests it takes and what serves them."""
-
+    section: object  # the _Section (error reporting, the target's keys)
     name: str
     host: HostPattern
     path: PathPattern
-    target: object
-    listeners: tuple = None  # None: every listener
-    policies: tuple = ()  # IPolicy providers, in order
-    max_message_size: int = None  # None: the listener's
-    idle_timeout: float = None  # None: the listener's
+    listeners: tuple
+    policies: tuple  # [policy:NAME] names, in order
+    max_message_size: int
+    idle_timeout: float
 
 
-@dataclass(frozen=True)
-class Config:
-    """A whole, validated config file."""
+@dataclass
+class Parsed:
+    """A whole config file, parsed; :func:`wsgate.config.build.build` makes it a Config."""
 
     path: str
+    base: str  # the config file's folder: relative paths are relative to it
     core: CoreSettings
+    admin: AdminSettings
+    brokers: dict
     listeners: tuple
-    routes: tuple
-    policies: dict = field(default_factory=dict)  # name → IPolicy
-    brokers: dict = field(default_factory=dict)  # name → BrokerSettings
-    admin: AdminSettings = None  # None: no admin endpoint
+    routes: tuple  # RouteSection
+    policies: tuple  # _Section of each [policy:NAME]
 
 
 # --------------------------------------------------------------------------- loading
 
-_REQUIRED = object()
 
 
 class _Section:
-    """Hands out a section's keys one by one and complains about leftovers."""
+    """Hands out a section's keys one by one (typed by :class:`wsgate.settings.Settings`,
+    errors as :class:`ConfigError`) and complains about leftovers."""
 
     def __init__(self, path, name, items):
         self.path, self.name = path, name
-        self.items = dict(items)
+        self.settings = Settings(items)
+        self.items = self.settings.raw
         self.used = set()
 
     def error(self, key, message):
@@ -137,17 +77,12 @@ class _Section:
     def has(self, key):
         return key in self.items
 
-    def take(self, key, parse=str, default=_REQUIRED):
+    def take(self, key, parse=str, default=REQUIRED):
         self.used.add(key)
-        if key not in self.items:
-            if default is _REQUIRED:
-                raise self.error(key, "is required")
-            return default
-        raw = self.items[key]
         try:
-            return parse(raw)
-        except ValueError as e:
-            raise self.error(key, str(e)) from None
+            return self.settings.get(key, parse, default)
+        except SettingError as e:
+            raise self.error(e.key, e.message) from None
 
     def finish(self):
         unknown = sorted(set(self.items) - self.used)
@@ -156,8 +91,8 @@ class _Section:
             raise self.error(unknown[0], f"unknown key (this section takes: {known})")
 
 
-def load(path):
-    """Read and validate the config file at *path*; raise :class:`ConfigError`."""
+def parse(path):
+    """Read and validate the config file at *path* into :class:`Parsed`; raise ConfigError."""
     parser = configparser.ConfigParser(
         interpolation=None, default_section="\0", strict=True, empty_lines_in_values=False)
     try:
@@ -176,10 +111,10 @@ def load(path):
     except configparser.ParsingError as e:
         lineno = e.errors[0][0] if e.errors else "?"
         raise ConfigError(path, None, None, f"line {lineno}: expected 'key = value'")
-    return _build(path, parser)
+    return _parse(path, parser)
 
 
-def _build(path, parser):
+def _parse(path, parser):
     base = os.path.dirname(os.path.abspath(path))
     core = admin = None
     listeners, routes, policy_sections, brokers = [], [], [], {}
@@ -209,16 +144,15 @@ def _build(path, parser):
         raise ConfigError(path, "wsgate", "broker", f"no [broker:{core.broker}] section")
     if not listeners:
         raise ConfigError(path, "listen:NAME", None, "at least one listener is required")
-    _check_router(path, core.router)
-    policies = _policies(policy_sections, base, brokers, core.broker)
+    for section in policy_sections:
+        section.take("type", units.non_empty)
+    policy_names = {section.name.partition(":")[2] for section in policy_sections}
     listener_names = tuple(listener.name for listener in listeners)
-    built_routes = []
-    for section in routes:
-        built_routes.append(
-            _route(section, section.name.partition(":")[2], listener_names, policies, base))
-        section.finish()
-    _check_workers(path, core, listeners, built_routes, brokers)
-    return Config(path, core, tuple(listeners), tuple(built_routes), policies, brokers, admin)
+    route_sections = tuple(_route(section, listener_names, policy_names)
+                           for section in routes)
+    _check_listeners_for_workers(path, core, listeners)
+    return Parsed(path, base, core, admin, brokers, tuple(listeners), route_sections,
+                  tuple(policy_sections))
 
 
 def _admin(section):
@@ -257,30 +191,16 @@ def _workers(text):
     return units.parse_positive_int(text)
 
 
-def _check_workers(path, core, listeners, routes, brokers):
-    """With several worker processes, channels and sockets must be shareable."""
+def _check_listeners_for_workers(path, core, listeners):
+    """With several worker processes the listening sockets are shared: plain ones only."""
     if core.workers == 1:
         return
-    broker = brokers.get(core.broker) if core.broker else None
-    if any(route.target.needs_shared_broker for route in routes) and \
-            (broker is None or broker.type != "redis"):
-        raise ConfigError(path, "wsgate", "workers", "workers > 1 with broadcast routes needs "
-                          "a Redis broker ([wsgate] broker naming a [broker:NAME] type = redis)")
     for listener in listeners:
         scheme = listener.endpoint.split(":", 1)[0]
         if scheme not in ("tcp", "tcp6", "unix", "haproxy"):
             raise ConfigError(path, f"listen:{listener.name}", "endpoint",
                               f"workers > 1 supports tcp:, tcp6:, unix: and haproxy:tcp: "
                               f"endpoints (use tls_cert for TLS), not {scheme}:")
-
-
-def _check_router(path, name):
-    from wsgate.routing import resolve_router_factory
-
-    try:
-        resolve_router_factory(name)
-    except ValueError as e:
-        raise ConfigError(path, "wsgate", "router", str(e)) from None
 
 
 def _broker(section, name, base):
@@ -299,41 +219,6 @@ def _broker(section, name, base):
         ca=_resolve(base, ca) if ca else None)
 
 
-def _policies(sections, base, brokers, default_broker):
-    """Build every ``[policy:NAME]`` with its type's factory (built-in or plugin)."""
-    from twisted.internet import reactor
-
-    from wsgate import policies as policy_api
-
-    if not sections:
-        return {}
-    known = policy_api.discovered_factories()
-    context = policy_api.PolicyContext(reactor, base, brokers, default_broker)
-    built = {}
-    for section in sections:
-        name = section.name.partition(":")[2]
-        try:
-            factory = policy_api.resolve_factory(section.take("type", units.non_empty), known)
-        except policy_api.PolicyConfigError as e:
-            raise section.error(e.key, e.message) from None
-        mode = section.take("mode", units.choice(*policy_api.MODES), "enforce")
-        keys = tuple(getattr(factory, "keys", ()))
-        settings = {key: section.items[key] for key in keys if key in section.items}
-        section.used.update(keys)
-        section.finish()
-        try:
-            policy = factory(name, settings, context)
-        except policy_api.PolicyConfigError as e:
-            raise section.error(e.key, e.message) from None
-        except Exception as e:  # a plugin's own bug: still one clear line
-            raise section.error(None, f"the {factory!r} policy factory failed: {e}") from None
-        policy.mode = mode
-        if getattr(policy, "name", None) is None:
-            policy.name = name
-        built[name] = policy
-    return built
-
-
 def _core(section):
     return CoreSettings(
         node_id=section.take("node_id", units.non_empty, socket.gethostname()),
@@ -350,8 +235,6 @@ def _core(section):
 
 
 def _listener(section, name, base):
-    from wsgate import tls  # pyOpenSSL; imported when a config is actually loaded
-
     endpoint = section.take("endpoint", units.non_empty)
     _check_endpoint(section, endpoint)
     cert = section.take("tls_cert", units.non_empty, None)
@@ -359,7 +242,7 @@ def _listener(section, name, base):
     sni_dir = section.take("tls_sni_dir", units.non_empty, None)
     min_version = section.take("tls_min_version", units.choice("1.2", "1.3"), "1.2")
     scheme = endpoint.split(":", 1)[0]
-    server_tls = None
+    tls_files = None
     if cert or key or sni_dir:
         if scheme in ("ssl", "tls"):
             raise section.error(
@@ -369,17 +252,13 @@ def _listener(section, name, base):
             raise section.error("tls_cert", "expected a tcp: or haproxy:tcp: endpoint for TLS")
         if not cert:
             raise section.error("tls_cert", "is required with tls_key or tls_sni_dir")
-        try:
-            server_tls = tls.ServerTLS.load(
-                _resolve(base, cert), _resolve(base, key) if key else None,
-                _resolve(base, sni_dir) if sni_dir else None, min_version)
-        except tls.TLSConfigError as e:
-            raise section.error(e.key, e.message) from None
+        tls_files = TLSFiles(_resolve(base, cert), _resolve(base, key) if key else None,
+                             _resolve(base, sni_dir) if sni_dir else None, min_version)
     max_message = section.take("max_message_size", units.parse_size, 1024 * 1024)
     settings = ListenerSettings(
         name=name,
         endpoint=endpoint,
-        tls=server_tls,
+        tls_files=tls_files,
         handshake_timeout=section.take("handshake_timeout", units.positive_duration, 10.0),
         ping_interval=section.take("ping_interval", units.parse_duration, 30.0),
         ping_timeout=section.take("ping_timeout", units.positive_duration, 10.0),
@@ -425,7 +304,8 @@ def _check_endpoint(section, endpoint):
             f"tcp:8080:interface=127.0.0.1, got {endpoint!r} ({detail})") from None
 
 
-def _route(section, name, listener_names, policies, base):
+def _route(section, listener_names, policy_names):
+    name = section.name.partition(":")[2]
     host = section.take("host", HostPattern.parse, HostPattern.parse("*"))
     path = section.take("path", PathPattern.parse)
     listeners = section.take("listeners", units.parse_list, None)
@@ -437,17 +317,10 @@ def _route(section, name, listener_names, policies, base):
                     f"{', '.join(listener_names)})")
     chosen = section.take("policies", units.parse_list, ())
     for policy in chosen:
-        if policy not in policies:
-            known = ", ".join(sorted(policies)) or "none"
+        if policy not in policy_names:
+            known = ", ".join(sorted(policy_names)) or "none"
             raise section.error("policies", f"no [policy:{policy}] section (known: {known})")
-    try:
-        target, keys = targets.build(name, section.items, targets.TargetContext(path, base))
-    except SettingError as e:
-        raise section.error(e.key, e.message) from None
-    section.used.update(keys | {"target"})
-    return RouteSettings(
-        name=name, host=host, path=path, target=target, listeners=listeners,
-        policies=tuple(policies[policy] for policy in chosen),
+    return RouteSection(
+        section, name, host, path, listeners, chosen,
         max_message_size=section.take("max_message_size", units.parse_size, None),
-        idle_timeout=section.take("idle_timeout", units.parse_duration, None),
-    )
+        idle_timeout=section.take("idle_timeout", units.parse_duration, None))

@@ -1,25 +1,31 @@
 """The ``wsgate`` operator command: parse the command line, run one command, return its status.
 
-Commands: ``check`` (validate a config as start-up does), ``connect`` (an
-interactive WebSocket client), ``publish`` and ``connections`` (clients of the
-admin HTTP API). The clients run on the Twisted reactor through
-:func:`twisted.internet.task.react`; each command's module holds its logic.
+Commands: ``check`` (validate a config as start-up does; :mod:`wsgate.cli.check`),
+``connect`` (an interactive WebSocket client; :mod:`wsgate.cli.connect`),
+``publish`` and ``connections`` (clients of the admin HTTP API;
+:mod:`wsgate.cli.admin`). This module only parses the command line and runs the
+command; the clients run on the Twisted reactor through
+:func:`twisted.internet.task.react`. ``check`` and ``connect`` are imported when
+they run (the config machinery, Autobahn), so the other commands and ``--help``
+start quickly.
+
+Entry points: the ``wsgate`` console script (``wsgate.cli:main``) and
+``python -m wsgate.cli``.
 """
 
 import argparse
 import os
 import sys
 
-from wsgate import __version__
+from wsgate import DEFAULT_CONFIG, __version__, units  # the same default as twistd's
+from wsgate.cli import admin
+from wsgate.frames import kick_code
 
-DEFAULT_CONFIG = "/etc/wsgate/wsgate.ini"  # the same default as ``twistd wsgate --config``
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, with a traceback on stderr
 
 
 def _duration(text):
     """argparse type: ``500ms``, ``2s``, ``1`` (seconds) → float."""
-    from wsgate import units
-
     try:
         value = units.parse_duration(text)
     except ValueError as e:
@@ -33,7 +39,7 @@ def _kick_code(text):
         code = int(text)
     except ValueError:
         code = None
-    if code not in (1000, 1001, 1008) and not (code is not None and 3000 <= code <= 4999):
+    if not kick_code(code):
         raise argparse.ArgumentTypeError(
             f"expected 1000, 1001, 1008 or a code from 3000 to 4999, got {text!r}")
     return code
@@ -138,11 +144,9 @@ def build_parser():
 
 
 def _admin_options(parser):
-    from wsgate.cli_admin import DEFAULT_ADMIN, TOKEN_ENV
-
-    parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL",
-                        help=f"the admin endpoint (default: {DEFAULT_ADMIN})")
-    parser.add_argument("--token", help=f"the admin token (default: ${TOKEN_ENV})")
+    parser.add_argument("--admin", default=admin.DEFAULT_ADMIN, metavar="URL",
+                        help=f"the admin endpoint (default: {admin.DEFAULT_ADMIN})")
+    parser.add_argument("--token", help=f"the admin token (default: ${admin.TOKEN_ENV})")
     parser.add_argument("--timeout", type=_duration, default=10.0, metavar="SECONDS",
                         help="time allowed for the answer (default: 10)")
 
@@ -161,62 +165,56 @@ def main(argv=None):
 
 
 def _run_check(parser, args):
-    from wsgate import cli_check
+    from wsgate.cli import check
 
-    return cli_check.run(args.file, quiet=args.quiet)
+    return check.run(args.file, quiet=args.quiet)
 
 
 def _run_connect(parser, args):
-    from wsgate import cli_connect
+    from wsgate.cli import connect
 
     try:
-        options = cli_connect.ConnectOptions(
-            target=cli_connect.parse_target(args.url),
-            headers=tuple(cli_connect.parse_header(text) for text in args.header),
+        options = connect.ConnectOptions(
+            target=connect.parse_target(args.url),
+            headers=tuple(connect.parse_header(text) for text in args.header),
             subprotocols=tuple(args.subprotocol),
             origin=args.origin, ca=args.ca, insecure=args.insecure, compress=args.compress,
             messages=tuple(args.execute), wait=args.wait, ping=args.ping, binary=args.binary,
             timeout=args.timeout, verbose=args.verbose)
     except ValueError as e:
         parser.exit(2, f"wsgate connect: {e}\n")
-    return _react(lambda reactor: cli_connect.connect(reactor, options))
+    return _react(lambda reactor: connect.connect(reactor, options))
 
 
 def _run_publish(parser, args):
-    from wsgate import cli_admin
-
     try:
-        message = cli_admin.message_from(args.message, sys.stdin.buffer, args.binary)
-        request = cli_admin.publish_request(args.admin, args.channel, message, args.binary)
+        message = admin.message_from(args.message, sys.stdin.buffer, args.binary)
+        request = admin.publish_request(args.admin, args.channel, message, args.binary)
     except ValueError as e:
         parser.exit(2, f"wsgate publish: {e}\n")
-    return _react(lambda reactor: cli_admin.call(
-        reactor, request, _token(args), args.timeout, cli_admin.print_body))
+    return _react(lambda reactor: admin.call(
+        reactor, request, _token(args), args.timeout, admin.print_body))
 
 
 def _run_connections(parser, args):
-    from wsgate import cli_admin
-
     if args.kick is None and (args.code is not None or args.reason is not None):
         parser.exit(2, "wsgate connections: --code and --reason go with --kick ID\n")
     try:
         if args.kick is not None:
-            request = cli_admin.kick_request(args.admin, args.kick, args.code, args.reason)
-            show = cli_admin.print_body
+            request = admin.kick_request(args.admin, args.kick, args.code, args.reason)
+            show = admin.print_body
         else:
-            request = cli_admin.list_request(args.admin)
-            show = cli_admin.print_body if args.json else cli_admin.print_connections
+            request = admin.list_request(args.admin)
+            show = admin.print_body if args.json else admin.print_connections
     except ValueError as e:
         parser.exit(2, f"wsgate connections: {e}\n")
-    return _react(lambda reactor: cli_admin.call(reactor, request, _token(args), args.timeout,
-                                                 show))
+    return _react(lambda reactor: admin.call(reactor, request, _token(args), args.timeout,
+                                             show))
 
 
 def _token(args):
     """``--token``, else ``$WSGATE_ADMIN_TOKEN``; an empty one means none."""
-    from wsgate.cli_admin import TOKEN_ENV
-
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    token = args.token if args.token is not None else os.environ.get(admin.TOKEN_ENV)
     return token or None
 
 
@@ -245,6 +243,3 @@ def _internal_error(failure):
     sys.stderr.write("wsgate: internal error:\n" + failure.getTraceback())
     raise SystemExit(EXIT_INTERNAL)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

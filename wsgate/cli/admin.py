@@ -15,13 +15,14 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from twisted.internet import defer
 
+from wsgate.cli.check import table
+
 EXIT_OK = 0
 EXIT_ANSWERED_ERROR = 1
 EXIT_UNREACHABLE = 2
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
 TOKEN_ENV = "WSGATE_ADMIN_TOKEN"
-
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,6 @@ def print_connections(answer, out):
     if not rows:
         out.write("no connections\n")
         return
-    from wsgate.cli_check import table
-
     out.write(table(["ID", "ROUTE", "CLIENT", "IDENTITY", "SINCE", "MESSAGES IN/OUT",
                      "BYTES IN/OUT"], rows))
 

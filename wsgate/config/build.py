@@ -1,0 +1,114 @@
+"""The build step: parsed config data → the objects a gateway runs with.
+
+TLS contexts (the certificate files are read here), policies (their
+factories get the reactor passed in), targets (a static route reads its
+files, a wss:// upstream gets its TLS options) and the router's lookup. It
+listens on nothing and connects nowhere, so ``wsgate check`` runs it too.
+Errors are :class:`~wsgate.config.model.ConfigError`, naming file, section
+and key.
+"""
+
+import dataclasses
+
+from wsgate import policies as policy_api
+from wsgate import targets, units
+from wsgate.config.model import Config, ConfigError, RouteSettings
+from wsgate.settings import SettingError
+
+
+def build(parsed, reactor):
+    """The :class:`Config` for *parsed* (:class:`wsgate.config.parse.Parsed`)."""
+    _check_router(parsed.path, parsed.core.router)
+    listeners = tuple(_listener(parsed.path, listener) for listener in parsed.listeners)
+    policies = _policies(parsed, reactor)
+    routes = tuple(_route(parsed, route, policies) for route in parsed.routes)
+    _check_workers(parsed, routes)
+    return Config(parsed.path, parsed.core, listeners, routes, policies, parsed.brokers,
+                  parsed.admin)
+
+
+def _listener(path, listener):
+    """*listener* with its TLS context, when it has TLS files."""
+    files = listener.tls_files
+    if files is None:
+        return listener
+    from wsgate import tls  # pyOpenSSL: imported when a TLS listener is built
+
+    try:
+        server_tls = tls.ServerTLS.load(files.cert, files.key, files.sni_dir, files.min_version)
+    except tls.TLSConfigError as e:
+        raise ConfigError(path, f"listen:{listener.name}", e.key, e.message) from None
+    return dataclasses.replace(listener, tls=server_tls)
+
+
+def _check_router(path, name):
+    from wsgate.routing import resolve_router_factory
+
+    try:
+        resolve_router_factory(name)
+    except ValueError as e:
+        raise ConfigError(path, "wsgate", "router", str(e)) from None
+
+
+def _policies(parsed, reactor):
+    """Build every ``[policy:NAME]`` with its type's factory (built-in or plugin)."""
+    if not parsed.policies:
+        return {}
+    known = policy_api.discovered_factories()
+    context = policy_api.PolicyContext(reactor, parsed.base, parsed.brokers,
+                                       parsed.core.broker)
+    built = {}
+    for section in parsed.policies:
+        name = section.name.partition(":")[2]
+        try:
+            factory = policy_api.resolve_factory(section.take("type", units.non_empty), known)
+        except SettingError as e:
+            raise section.error(e.key, e.message) from None
+        mode = section.take("mode", units.choice(*policy_api.MODES), "enforce")
+        keys = tuple(getattr(factory, "keys", ()))
+        settings = {key: section.items[key] for key in keys if key in section.items}
+        section.used.update(keys)
+        section.finish()
+        try:
+            policy = factory(name, settings, context)
+        except SettingError as e:
+            raise section.error(e.key, e.message) from None
+        except Exception as e:  # a plugin's own bug: still one clear line
+            raise section.error(None, f"the {factory!r} policy factory failed: {e}") from None
+        policy.mode = mode
+        if getattr(policy, "name", None) is None:
+            policy.name = name
+        built[name] = policy
+    return built
+
+
+def _route(parsed, route, policies):
+    section = route.section
+    try:
+        target, keys = targets.build(route.name, section.items,
+                                     targets.TargetContext(route.path, parsed.base))
+    except SettingError as e:
+        raise section.error(e.key, e.message) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a plugin's own bug: still one clear line
+        raise section.error(None, f"the target factory failed: {e}") from None
+    section.used.update(keys | {"target"})
+    section.finish()
+    return RouteSettings(
+        name=route.name, host=route.host, path=route.path, target=target,
+        listeners=route.listeners, policies=tuple(policies[name] for name in route.policies),
+        max_message_size=route.max_message_size, idle_timeout=route.idle_timeout)
+
+
+def _check_workers(parsed, routes):
+    """With several worker processes, channels must live in a shared broker."""
+    core = parsed.core
+    if core.workers == 1:
+        return
+    broker = parsed.brokers.get(core.broker) if core.broker else None
+    if any(route.target.needs_shared_broker for route in routes) and \
+            (broker is None or broker.type != "redis"):
+        raise ConfigError(parsed.path, "wsgate", "workers", "workers > 1 with broadcast "
+                          "routes needs a Redis broker ([wsgate] broker naming a "
+                          "[broker:NAME] type = redis)")

@@ -1,0 +1,118 @@
+"""The settings a config file holds, as frozen dataclasses, and the error that names where
+a config is wrong. Everything downstream reads these, never raw strings."""
+
+from dataclasses import dataclass, field
+
+from wsgate.routing import HostPattern, PathPattern
+
+
+class ConfigError(Exception):
+    """A config problem, printed as ``<file>: [section] key: message``."""
+
+    def __init__(self, path, section, key, message):
+        self.path, self.section, self.key, self.message = path, section, key, message
+        where = f"[{section}]" if section else ""
+        if key:
+            where += f" {key}"
+        super().__init__(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """``[wsgate]``: process-wide settings."""
+
+    node_id: str
+    log_format: str = "text"
+    max_connections: int = 50000
+    broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
+    drain_timeout: float = 30.0
+    log_messages: bool = False
+    metrics: bool = True
+    fast_paths: bool = True
+    workers: int = 1
+    router: str = "default"  # an IRouterFactory plugin name or package.module:factory
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``[admin]``: the admin HTTP endpoint (health, metrics, publish, connections)."""
+
+    endpoint: str = "tcp:8081:interface=127.0.0.1"
+    token: str = None
+    max_publish_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """``[broker:NAME]``: where broadcast channels (and shared rate limits) live."""
+
+    name: str
+    type: str  # "memory" or "redis"
+    url: str = None
+    prefix: str = "wsgate:"
+    timeout: float = 2.0  # per Redis command
+    ca: str = None  # PEM CA file for rediss://
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A listener's TLS files as the config names them (paths resolved); loaded by the build."""
+
+    cert: str
+    key: str = None
+    sni_dir: str = None
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """``[listen:NAME]``: one listening endpoint and its per-connection limits."""
+
+    name: str
+    endpoint: str
+    tls: object = field(default=None, compare=False, repr=False)  # wsgate.tls.ServerTLS (built)
+    tls_files: TLSFiles = None  # what tls is loaded from
+    handshake_timeout: float = 10.0
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    max_message_size: int = 1024 * 1024
+    max_frame_size: int = 1024 * 1024
+    compression: bool = False
+    trusted_proxies: tuple = ()  # ipaddress networks whose X-Forwarded-For is believed
+    max_fragments: int = 1024  # frames per message; beyond it 1009
+    backlog: int = 1024  # the listen() queue of not yet accepted connections
+
+    @property
+    def is_tls(self):
+        return self.tls is not None or self.endpoint.split(":", 1)[0] in ("ssl", "tls")
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """``[route:NAME]``: which requests it takes and what serves them."""
+
+    name: str
+    host: HostPattern
+    path: PathPattern
+    target: object  # an ITarget (built)
+    listeners: tuple = None  # None: every listener
+    policies: tuple = ()  # IPolicy providers, in order (built)
+    max_message_size: int = None  # None: the listener's
+    idle_timeout: float = None  # None: the listener's
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated config file."""
+
+    path: str
+    core: CoreSettings
+    listeners: tuple
+    routes: tuple
+    policies: dict = field(default_factory=dict)  # name → IPolicy
+    brokers: dict = field(default_factory=dict)  # name → BrokerSettings
+    admin: AdminSettings = None  # None: no admin endpoint
