@@ -33,8 +33,11 @@ $(LINT_STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q '.[lint]'
 	touch $@
 
+# make run CONFIG=my.ini runs another config file.
+CONFIG ?= etc/wsgate.ini
+
 run: $(STAMP)
-	$(BIN)/twistd -n --pidfile= wsgate --config etc/wsgate.ini
+	$(BIN)/twistd -n --pidfile= wsgate --config $(CONFIG)
 
 peers:
 	bash scripts/install-peers.sh

@@ -236,6 +236,37 @@ def run_twistd_expecting_failure(config_path, timeout=20):
     return proc.returncode, proc.stderr.decode(), proc.stdout.decode()
 
 
+# ----------------------------------------------------------------- admin API
+
+
+def admin_text(gw, method, path, token=None, body=None, content_type="text/plain"):
+    """``(status, body text)`` of one call of a gateway's admin API (errors are answers too)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{gw.port('admin')}{path}",
+                                     method=method, data=body)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text, name, **labels):
+    """The value of sample *name* with exactly *labels* in Prometheus *text*, or None."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return None
+
+
 # ----------------------------------------------------------------- raw HTTP
 
 

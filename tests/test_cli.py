@@ -146,6 +146,8 @@ def gateway(tmp_path_factory, upstream, ca):
         path = /up/*
         upstream = ws://127.0.0.1:{upstream.port}{{path}}
         forward_headers = X-Tenant
+        # connect --origin sends a foreign Origin (the same-origin default would 403)
+        allow_cross_origin = yes
         """, listeners=("main", "admin", "deflate", "secure"))
     gw.ca_path = directory / "ca.pem"
     yield gw
@@ -624,6 +626,25 @@ def test_publish_reaches_a_connect_subscriber_in_the_same_room(gateway, scratch)
         assert subscriber.wait() == 0
     finally:
         subscriber.stop()
+
+
+def test_publish_and_connections_read_the_admin_endpoint_and_token_from_config(gateway,
+                                                                              scratch):
+    """Issue 18, item 11: the operator's config names the admin endpoint and its token."""
+    config = scratch / "ops.ini"
+    config.write_text("[listen:main]\nendpoint = tcp:0:interface=127.0.0.1\n"
+                      f"[admin]\nendpoint = tcp:{gateway.port('admin')}:interface=127.0.0.1\n"
+                      f"token = {ADMIN_TOKEN}\n")
+    listed = wsgate_cli("connections", "--config", config, "--json", cwd=scratch)
+    assert listed.returncode == 0, listed.stderr
+    assert "connections" in json.loads(listed.stdout)
+    published = wsgate_cli("publish", "--config", config, "room:nobody", "hi", cwd=scratch)
+    assert published.returncode == 0, published.stderr
+    wrong = wsgate_cli("connections", "--config", config, "--token", "nope", cwd=scratch)
+    assert wrong.returncode == 1 and "401" in wrong.stderr  # --token still wins
+    config.write_text("[listen:main]\nendpoint = tcp:0:interface=127.0.0.1\n")
+    missing = wsgate_cli("connections", "--config", config, cwd=scratch)
+    assert missing.returncode == 2 and "has no [admin] section" in missing.stderr
 
 
 def test_connections_lists_and_kicks_a_connect_session(gateway, scratch):

@@ -171,3 +171,54 @@ def test_hostile_input_limits_have_their_defaults_and_can_be_set(tmp_path):
                         "[route:e]\npath = /e\necho = yes\nmax_send_buffer = 64KiB\n"))
     assert (config.listeners[0].max_fragments, config.listeners[0].backlog) == (65536, 50)
     assert config.routes[0].target.max_send_buffer == 65536
+
+
+def test_duplicate_routes_are_an_error_naming_both_sections(tmp_path):
+    """Issue 18, item 7: the second of two identical routes could never be chosen."""
+    message = error_for(tmp_path, LISTENER + textwrap.dedent("""\
+        [route:first]
+        path = /chat/{room}
+        echo = yes
+        [route:second]
+        path = /chat/{name}
+        broadcast = c:{name}
+        """))
+    assert "[route:second] path: the same host and path as [route:first]" in message
+
+
+def test_routes_that_differ_in_host_or_listener_are_not_duplicates(tmp_path):
+    config = load(write(tmp_path, LISTENER + textwrap.dedent("""\
+        [listen:other]
+        endpoint = tcp:0:interface=127.0.0.1
+        [route:a]
+        path = /x
+        echo = yes
+        listeners = main
+        [route:b]
+        path = /x
+        echo = yes
+        listeners = other
+        [route:c]
+        host = example.com
+        path = /x
+        echo = yes
+        listeners = main
+        """)))
+    assert [route.name for route in config.routes] == ["a", "b", "c"]
+
+
+def test_relative_files_of_an_ssl_endpoint_are_relative_to_the_config_file(tmp_path):
+    """Issue 18, item 8: they were relative to the process's working directory."""
+    from certs import TestCA
+
+    folder = tmp_path / "conf dir:with colon"
+    folder.mkdir()
+    TestCA().write_leaf(folder, "leaf", "localhost")
+    path = folder / "gw.ini"
+    path.write_text("[listen:main]\n"
+                    "endpoint = ssl:0:interface=127.0.0.1:privateKey=leaf.key:certKey=leaf.crt\n")
+    assert os.getcwd() != str(folder)
+    endpoint = load(str(path)).listeners[0].endpoint  # Twisted loaded the files
+    escaped = str(folder).replace(":", "\\:")  # endpoint syntax: a colon in a value is \:
+    assert f"privateKey={escaped}/leaf.key" in endpoint
+    assert f"certKey={escaped}/leaf.crt" in endpoint

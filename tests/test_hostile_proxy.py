@@ -26,7 +26,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from harness import NodeUpstream, run, start_gateway
+from harness import (
+    NodeUpstream,
+    admin_text,
+    run,
+    start_gateway,
+)
 from rawws import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, Figures, RawClient,
                    close_frame, deflate_bomb, frame, open_fds)
 
@@ -92,14 +97,7 @@ def _upstream_close(upstream, path, timeout=10):
 
 
 def _admin(gw, method, path):
-    request = urllib.request.Request(f"http://127.0.0.1:{gw.port('admin')}{path}",
-                                     method=method)
-    request.add_header("Authorization", "Bearer T0KEN")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return admin_text(gw, method, path, "T0KEN")
 
 
 def _connection_id(gw, port):

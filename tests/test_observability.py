@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import time
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from harness import (
     NodeUpstream,
     RedisServer,
+    admin_text,
     parse_response,
     raw_request,
     run,
@@ -54,17 +54,7 @@ policies = keys
 
 
 def admin(gw, method, path, token="T0KEN", body=None, content_type="text/plain"):
-    request = urllib.request.Request(f"http://127.0.0.1:{gw.port('admin')}{path}",
-                                     method=method, data=body)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if body is not None:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return admin_text(gw, method, path, token, body, content_type)
 
 
 def samples(gw):

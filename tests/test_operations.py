@@ -6,7 +6,6 @@ import signal
 import socket
 import ssl
 import time
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
@@ -14,6 +13,8 @@ from websockets.exceptions import ConnectionClosed
 
 from harness import (
     GatewayProcess,
+    admin_text,
+    metric,
     parse_response,
     raw_request,
     run,
@@ -54,24 +55,7 @@ policies = keys
 
 
 def admin(gw, method, path, token="T0KEN"):
-    request = urllib.request.Request(f"http://127.0.0.1:{gw.port('admin')}{path}",
-                                     method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(text, name, **labels):
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return None
+    return admin_text(gw, method, path, token)
 
 
 @pytest.fixture

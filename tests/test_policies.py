@@ -428,6 +428,36 @@ policies = teams
         assert gw.stop() == 0
 
 
+def test_example_plugin_is_discovered_after_an_editable_install(tmp_path):
+    """Issue 18, item 10: ``pip install -e`` put no wsgate/plugins/*.py where twisted.plugin
+    looks; the ``wsgate.policies`` entry point finds it."""
+    example = os.path.join(ROOT, "examples", "wsgate-policy-example")
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e",
+                        example], check=True, capture_output=True)
+        gw = start_gateway(tmp_path, """
+[policy:teams]
+type = header_match
+header = X-Team
+values = blue
+
+[route:teams]
+path = /teams
+echo = yes
+policies = teams
+""")
+        try:
+            assert parse_response(raw_request(gw.port(), upgrade_request(
+                "/teams", extra=b"X-Team: blue\r\n")))[0] == 101
+            assert parse_response(raw_request(gw.port(), upgrade_request(
+                "/teams", extra=b"X-Team: red\r\n")))[0] == 403
+        finally:
+            assert gw.stop() == 0
+    finally:  # leave the usual (non-editable) install for the other tests
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", example],
+                       check=True, capture_output=True)
+
+
 def test_unknown_policy_type_lists_the_known_ones(tmp_path):
     from harness import run_twistd_expecting_failure, write_config
 

@@ -30,6 +30,8 @@ trusted_proxies = 127.0.0.0/8
 path = /app/*
 upstream = ws://127.0.0.1:{port}{{path}}
 forward_headers = X-Tenant
+# test_forwarded_headers_and_request_id sends a foreign Origin
+allow_cross_origin = yes
 
 [route:room]
 path = /rooms/{{room}}/*

@@ -1,5 +1,6 @@
 """Installing and starting: the twistd plugin, and one-line start-up errors."""
 
+import os
 import socket
 import subprocess
 
@@ -68,3 +69,33 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path):
 def test_sigterm_exits_0(tmp_path):
     gw = start_gateway(tmp_path, "[route:echo]\npath = /echo\necho = yes\n")
     assert gw.stop() == 0
+
+
+def test_make_run_takes_another_config(tmp_path):
+    """Issue 18, item 12: the README's first command also runs a newcomer's own file."""
+    import json
+    import signal
+    import subprocess
+
+    from harness import ROOT
+
+    config = tmp_path / "mine.ini"
+    config.write_text("[wsgate]\nlog_format = json\n[listen:mine]\n"
+                      "endpoint = tcp:0:interface=127.0.0.1\n[route:e]\npath = /e\necho = yes\n")
+    proc = subprocess.Popen(["make", "-s", "run", f"CONFIG={config}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        listening = None
+        for raw in proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if event.get("event") == "wsgate.listening":
+                listening = event
+                break
+        assert listening is not None and listening["listener"] == "mine"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

@@ -39,7 +39,7 @@ def gateway(installed, tmp_path_factory):
 
 def test_the_example_provides_the_target_interfaces(installed):
     from wsgate.interfaces import ITargetFactory, IWebSocketApp
-    from wsgate.plugins.roomcount import RoomCountApp, roomcount
+    from wsgate_target_example import RoomCountApp, roomcount
     from wsgate.targets import factories
 
     verifyObject(ITargetFactory, roomcount)

@@ -5,13 +5,19 @@ import json
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from harness import RedisServer, run, start_gateway, run_twistd_expecting_failure, write_config
+from harness import (
+    RedisServer,
+    admin_text,
+    run,
+    run_twistd_expecting_failure,
+    start_gateway,
+    write_config,
+)
 
 
 def _config(redis_url):
@@ -45,14 +51,7 @@ broadcast = room:{{room}}
 
 
 def admin(gw, method, path, token="T"):
-    request = urllib.request.Request(f"http://127.0.0.1:{gw.port('admin')}{path}", method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return admin_text(gw, method, path, token)
 
 
 def wait_healthy(gw, workers=2, timeout=20):
@@ -171,3 +170,58 @@ def test_workers_with_in_process_broadcast_is_a_config_error(tmp_path):
     code, stderr, _ = run_twistd_expecting_failure(path)
     assert code == 1 and "[wsgate] workers: workers > 1 with broadcast routes needs a Redis" \
         in stderr
+
+
+POOL_ECHO = """
+[wsgate]
+node_id = pool
+log_format = json
+workers = 2
+
+[listen:main]
+endpoint = tcp:0:interface=127.0.0.1
+
+[admin]
+endpoint = tcp:0:interface=127.0.0.1
+
+[route:echo]
+path = /echo
+echo = yes
+"""
+
+
+def _control_dirs(folder):
+    return sorted(name for name in os.listdir(folder) if name.startswith("wsgate-workers-"))
+
+
+def test_a_pool_leaves_no_temporary_folder_after_a_clean_exit_or_a_crash(tmp_path):
+    """Issue 18, item 9: each pool left its workers' control folder behind."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="wt")  # short: UNIX socket paths are at most 107 bytes
+    for name in ("clean", "crash", "after"):
+        (tmp_path / name).mkdir()
+    gw = start_gateway(tmp_path / "clean", "", base=POOL_ECHO, listeners=("main", "admin"),
+                       env={"TMPDIR": str(temp)})
+    wait_healthy(gw)
+    assert len(_control_dirs(temp)) == 1
+    assert gw.stop() == 0
+    assert _control_dirs(temp) == []
+    crashed = start_gateway(tmp_path / "crash", "", base=POOL_ECHO, listeners=("main", "admin"),
+                            env={"TMPDIR": str(temp)})
+    wait_healthy(crashed)
+    crashed.proc.kill()  # SIGKILL: no time to clean up; its workers follow it
+    crashed.proc.wait(10)
+    crashed.stop()
+    assert len(_control_dirs(temp)) == 1
+    after = start_gateway(tmp_path / "after", "", base=POOL_ECHO, listeners=("main", "admin"),
+                          env={"TMPDIR": str(temp)})
+    try:
+        wait_healthy(after)
+        assert len(_control_dirs(temp)) == 1  # its own; the crashed parent's is gone
+        assert str(after.proc.pid) in _control_dirs(temp)[0]
+    finally:
+        assert after.stop() == 0
+    assert _control_dirs(temp) == []
+    shutil.rmtree(temp)

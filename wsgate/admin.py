@@ -1,6 +1,8 @@
-"""The admin HTTP endpoint: health, metrics, publishing, and live connections.
+"""The admin HTTP endpoint: probes, health, metrics, publishing, and live connections.
 
-``/healthz`` and ``/metrics`` need no token; ``/publish/*`` and
+``/livez`` (the process answers), ``/readyz`` (it should get new connections:
+listening, not draining, and the broker up when ``[wsgate] ready_requires_broker``
+says so), ``/healthz`` (the detail) and ``/metrics`` need no token; ``/publish/*`` and
 ``/connections*`` need ``Authorization: Bearer TOKEN`` when ``[admin] token``
 is set (a token is required unless the endpoint is loopback-only).
 
@@ -109,6 +111,26 @@ class _Base(resource.Resource):
         if handler is None:
             return self.not_allowed(request, ", ".join(allowed))
         return handler(request)
+
+
+class Live(_Base):
+    """``GET /livez``: 200 ``{"status": "ok"}``. Being answered at all proves the reactor
+    turns, so it looks at nothing else and stays as cheap as an answer can be."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return _json(request, 200, {"status": "ok"})
+
+
+class Ready(_Base):
+    """``GET /readyz``: 200 when new connections are welcome, else 503 with the reason."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        body = self.admin.readiness()
+        return _json(request, 200 if body["status"] == "ok" else 503, body)
 
 
 class Health(_Base):
@@ -245,12 +267,15 @@ class AdminSite(server.Site):
     requestFactory = _LimitedRequest
     noisy = False
 
-    def __init__(self, gateway, settings, internal=False):
+    def __init__(self, gateway, settings, internal=False, listening=lambda: True):
         self.gateway = gateway
         self.settings = settings
         self.internal = internal  # a worker's control socket: the parent checked the token
+        self.listening = listening  # whether every listener accepts (see readiness)
         self.registry = metrics.registry(gateway)
         root = resource.Resource()
+        root.putChild(b"livez", Live(self))
+        root.putChild(b"readyz", Ready(self))
         root.putChild(b"healthz", Health(self))
         root.putChild(b"metrics", Metrics(self))
         root.putChild(b"publish", Publish(self))
@@ -284,6 +309,12 @@ class AdminSite(server.Site):
     @property
     def node_id(self):
         return self.gateway.node_id
+
+    def readiness(self):
+        """``/readyz``'s body: ``status`` is ``ok``, ``draining``, ``broker_down`` (only with
+        ``ready_requires_broker``) or ``not_listening``; ``broker`` as in ``/healthz``."""
+        reason = self.gateway.not_ready() or (None if self.listening() else "not_listening")
+        return {"status": reason or "ok", "broker": self.gateway.broker.state}
 
     def health(self):
         gateway = self.gateway

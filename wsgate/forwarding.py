@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import unquote_plus
 
 if TYPE_CHECKING:
     from wsgate.http import RequestHead
@@ -96,8 +97,13 @@ def _forwarded_node(ip: str) -> str:
 
 
 def forwarded_headers(origin: ClientOrigin, head: RequestHead, conn_id: str, is_tls: bool,
-                      route_forward_headers: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """The headers (name, value) the upstream gets besides the WebSocket handshake ones."""
+                      route_forward_headers: Iterable[str] = (),
+                      exclude: Collection[str] = ()) -> list[tuple[str, str]]:
+    """The headers (name, value) the upstream gets besides the WebSocket handshake ones.
+
+    *exclude* names (lower-case) client headers kept from the upstream although
+    they would be forwarded (what policies strip, e.g. a consumed API key).
+    """
     proto = "https" if is_tls else "http"
     host = head.host
     element = f"for={_forwarded_node(origin.forwarded_for.split(',')[-1].strip())};" \
@@ -113,11 +119,21 @@ def forwarded_headers(origin: ClientOrigin, head: RequestHead, conn_id: str, is_
         ("Forwarded", forwarded),
         ("X-Request-Id", conn_id),
     ]
-    wanted = set(ALWAYS_FORWARDED) | {name.lower() for name in route_forward_headers}
+    wanted = (set(ALWAYS_FORWARDED) | {name.lower() for name in route_forward_headers}) \
+        - set(exclude)
     for name, value in head.headers:
         if name in wanted and name not in HOP_BY_HOP and name not in GATEWAY_WRITTEN:
             headers.append((_canonical(name), value))
     return headers
+
+
+def query_without(query: str, names: Collection[str]) -> str:
+    """The query string *query* without the parameters called *names* (compared decoded,
+    as policies read them); the other parameters are kept byte for byte, in order."""
+    if not names:
+        return query
+    return "&".join(part for part in query.split("&")
+                    if unquote_plus(part.partition("=")[0]) not in names)
 
 
 def _canonical(name: str) -> str:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 
-from wsgate import fastpath, fastpath_autobahn, forwarding, http, observe, targets
+from wsgate import fastpath, fastpath_autobahn, forwarding, http, observe, sameorigin, targets
 from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
@@ -70,6 +70,17 @@ class Gateway:
         self.draining = False
         self.drained_routes = set()  # routes drained from the admin API
 
+    def not_ready(self):
+        """Why this process should be sent no new connections, or None when it should:
+        ``draining`` (SIGTERM), or ``broker_down`` when ``[wsgate] ready_requires_broker``
+        is set and the ``[wsgate] broker`` is unreachable. ``/readyz`` and every
+        listener's ``health_path`` answer from this."""
+        if self.draining:
+            return "draining"
+        if self.config.core.ready_requires_broker and self.broker.state == "down":
+            return "broker_down"
+        return None
+
     def chain(self, route):
         """The policy chain of *route* (built once per route)."""
         chain = self._chains.get(route.name)
@@ -99,12 +110,14 @@ class Gateway:
     def new_conn_id(self):
         return secrets.token_hex(8)
 
-    def decide(self, head, listener):
+    def decide(self, head, listener, peer_ip=None):
         """Route and validate an upgrade request; return the ``RouteMatch``.
 
         Synchronous and cheap (the policies run after it). Raises
         :class:`wsgate.http.HttpRefusal` with the contract's answer; anything
-        else a custom router raises becomes a generic 500.
+        else a custom router raises becomes a generic 500. *peer_ip* is the
+        TCP peer: when it is one of the listener's ``trusted_proxies``, its
+        ``X-Forwarded-Host`` is the host the same-origin check compares with.
         """
         match = self.router.route(head.host, head.path, listener.name)
         if match is None:
@@ -124,6 +137,12 @@ class Gateway:
         except http.HttpRefusal as refusal:
             refusal.route = route
             raise
+        if sameorigin.applies(match.route.allow_cross_origin, match.route.policies):
+            trusted = peer_ip is not None and bool(listener.trusted_proxies) and \
+                forwarding.is_trusted(peer_ip, listener.trusted_proxies)
+            if sameorigin.is_cross_origin(head, listener.is_tls, trusted):
+                raise http.HttpRefusal(403, "cross_origin", "Cross-origin WebSocket refused",
+                                       route=route)
         if len(self.connections) >= self.config.core.max_connections:
             raise http.HttpRefusal(503, "max_connections", "Too many connections, retry later",
                                    retry, route=route)
@@ -210,6 +229,33 @@ def _request_fields(head):
             "user_agent": agent[:EVENT_FIELD_MAX] if agent is not None else None}
 
 
+def health_answer(raw, health_path, not_ready):
+    """The answer to a probe of *health_path* when the request head *raw* is one, else None.
+
+    A probe is ``GET`` or ``HEAD`` of exactly *health_path* (a query string aside)
+    in HTTP/1.1 or HTTP/1.0, whatever its headers: load balancers' checks often
+    send HTTP/1.0 without ``Host``. The answer is 200 ``ok``, or, when
+    *not_ready* (:meth:`Gateway.not_ready`) names a reason, 503 with that reason
+    and ``Retry-After``; ``Connection: close`` either way.
+    """
+    parts = raw.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if method not in (b"GET", b"HEAD") or version not in (b"HTTP/1.1", b"HTTP/1.0") or \
+            target.partition(b"?")[0].decode("latin-1") != health_path:
+        return None
+    if not_ready is None:
+        status, body, extra = "200 OK", b"ok\n", []
+    else:
+        status, body, extra = "503 Service Unavailable", f"{not_ready}\n".encode(), \
+            http.retry_after()
+    head = http.render_head(f"HTTP/1.1 {status}", [
+        ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"), *extra, ("Connection", "close")])
+    return head if method == b"HEAD" else head + body
+
+
 def going_away(connection):
     """Close *connection* with 1001 (drain); proxied ones close their upstream too."""
     if connection.protocol is not None:
@@ -275,6 +321,8 @@ class HandshakeProtocol(Protocol):
         self._head_complete(end)
 
     def _head_complete(self, end):
+        if self.listener.health_path is not None and self._probed(self._buffer[:end]):
+            return
         # Read the peer only now: behind a PROXY-protocol wrapper it is known
         # once the PROXY header has been parsed, before the HTTP head.
         peer = self.transport.getPeer()
@@ -291,13 +339,27 @@ class HandshakeProtocol(Protocol):
             self.client = self.origin.ip  # the client behind a trusted proxy
         self.state = self.DECIDING
         try:
-            match = self.gateway.decide(head, self.listener)
+            match = self.gateway.decide(head, self.listener, self._peer_ip)
         except http.HttpRefusal as refusal:
             self._refuse(refusal)
         except Exception:
             self._internal_error(Failure())
         else:
             self._run_policies(match, head)
+
+    def _probed(self, raw):
+        """Answer a load balancer's probe of the listener's ``health_path`` and return
+        True, or return False when *raw* is another request. It comes before parsing
+        and routing (no route is needed for it) and is not an upgrade: neither counted
+        as a rejection nor logged."""
+        answer = health_answer(raw, self.listener.health_path, self.gateway.not_ready())
+        if answer is None:
+            return False
+        self.state = self.DONE
+        self._cancel_timer()
+        self.transport.write(answer)
+        self.transport.loseConnection()
+        return True
 
     def connectionLost(self, reason):
         self.state = self.DONE

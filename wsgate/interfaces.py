@@ -87,6 +87,11 @@ class IPolicy(Interface):
 
     Routes list policies (``policies = a, b``); they run in that order and a
     later policy sees the identity an earlier one set.
+
+    Optional: a policy that decides on the ``Origin`` header itself sets
+    ``checks_origin = True`` (the built-in ``origin`` type does); a route with
+    such a policy, in enforce or shadow mode, then does not get the gateway's
+    same-origin default (:mod:`wsgate.sameorigin`).
     """
 
     name = Attribute("The ``[policy:NAME]`` section name: the reason label of its denials.")
@@ -98,7 +103,8 @@ class IPolicy(Interface):
         """Decide on *request* (a :class:`wsgate.policies.UpgradeRequest`).
 
         Return ``None`` or a :class:`wsgate.policies.Allow` (optionally with an
-        identity, headers to forward upstream and an :class:`IPolicySession`
+        identity, headers to forward upstream, client headers and query
+        parameters the upstream must not see, and an :class:`IPolicySession`
         for the open connection), or a :class:`wsgate.policies.Deny` (status,
         reason, response headers); or a Deferred firing with one of these.
         Anything raised becomes a 500 with a generic body, logged once.

@@ -18,6 +18,8 @@ The parent's admin endpoint answers for all workers (see wsgate.pool_admin).
 import os
 import signal
 import sys
+import re
+import shutil
 import tempfile
 
 from twisted.application import service
@@ -41,11 +43,42 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, pool, index):
         self.pool, self.index = pool, index
         self.ended = False
+        self.started = reactor.seconds()  # pool_admin's /livez gives a new worker time
 
     def processEnded(self, reason):
         self.ended = True
         self.pool.worker_ended(self, getattr(reason.value, "exitCode", None),
                                getattr(reason.value, "signal", None))
+
+
+# The workers' control sockets live in a private folder named after the parent's
+# pid; one left by a parent that was killed (SIGKILL leaves no time to clean up) is
+# removed by the next parent that starts.
+CONTROL_DIR_PREFIX = "wsgate-workers-"
+_CONTROL_DIR = re.compile(re.escape(CONTROL_DIR_PREFIX) + r"(\d+)-")
+
+
+def remove_stale_control_dirs(parent=None):
+    """Remove the control folders (in *parent*, default the temp folder) of this user's
+    pool parents that no longer run."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        match = _CONTROL_DIR.match(name)
+        path = os.path.join(parent, name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(match.group(1)), 0)  # raises if that parent is gone
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 class WorkerPool(service.MultiService):
@@ -64,13 +97,19 @@ class WorkerPool(service.MultiService):
         self.count = config.core.workers
         self.sockets = {}  # listener name → (fd, address family), once bound
         self.workers = {}  # index → _Worker
-        self.control_dir = tempfile.mkdtemp(prefix="wsgate-workers-")
+        remove_stale_control_dirs()
+        self.control_dir = tempfile.mkdtemp(prefix=f"{CONTROL_DIR_PREFIX}{os.getpid()}-")
         self.stopping = 0
         self._kill_call = None
+        self._close_call = None  # the end of drain_delay: the parent's sockets close
+        self.listener_services = []  # the ListeningService of each [listen:NAME]
         for listener in config.listeners:  # Factory(): the parent never accepts
-            ListeningService(startup.server_endpoint(reactor, listener.endpoint, listener.backlog),
-                             Factory(), f"{listener.endpoint} ([listen:{listener.name}])",
-                             self._keep_socket(listener)).setServiceParent(self)
+            child = ListeningService(
+                startup.server_endpoint(reactor, listener.endpoint, listener.backlog),
+                Factory(), f"{listener.endpoint} ([listen:{listener.name}])",
+                self._keep_socket(listener))
+            child.setServiceParent(self)
+            self.listener_services.append(child)
         if config.admin is not None:
             ListeningService(startup.server_endpoint(reactor, config.admin.endpoint),
                              bound_requests(PoolAdminSite(self)),
@@ -158,22 +197,40 @@ class WorkerPool(service.MultiService):
     # -- signals
 
     def stop(self):
-        """SIGTERM: every worker drains; the parent exits when they have."""
+        """SIGTERM: every worker drains; the parent exits when they have.
+
+        Each worker keeps its listeners open for ``drain_delay`` (answering 503),
+        then closes them; the parent closes its own copy of each listening socket
+        at the same time, so that new connections are refused from then on
+        instead of waiting in a socket nobody accepts on.
+        """
         self.stopping += 1
         _log.info("wsgate: stopping {n} workers", n=len(self.alive()))
         self._send(signal.SIGTERM)
         if self.stopping == 1:
-            self._kill_call = reactor.callLater(self.config.core.drain_timeout + 10,
+            core = self.config.core
+            self._close_call = reactor.callLater(core.drain_delay, self._close_listeners)
+            self._kill_call = reactor.callLater(core.drain_delay + core.drain_timeout + 10,
                                                 self._kill)
         if not self.alive():
             self._finish()
+
+    def _close_listeners(self):
+        self._close_call = None
+        for child in self.listener_services:
+            child.stopListening()
 
     def _kill(self):
         self._kill_call = None
         self._send(signal.SIGKILL)
 
     def _finish(self):
-        startup.stop(reactor, self._kill_call)
+        shutil.rmtree(self.control_dir, ignore_errors=True)  # every worker has ended
+        startup.stop(reactor, self._kill_call, self._close_call)
+
+    def stopService(self):
+        shutil.rmtree(self.control_dir, ignore_errors=True)
+        return super().stopService()
 
     def reload(self):
         """SIGHUP: check the file here, then let every worker reload it."""

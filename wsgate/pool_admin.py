@@ -2,6 +2,9 @@
 
 The parent checks the token, then asks each worker's own admin API on its
 control socket (a UNIX socket only the process owner can reach) and combines:
+``/livez`` is 200 while the parent answers and no running worker is hung (see
+:class:`_Live`); ``/readyz`` is 200 when the pool is not stopping and every
+worker runs and is ready (see :class:`_Ready`);
 ``/healthz`` sums connections and is ``ok`` only when every worker is;
 ``/metrics`` labels every sample with ``worker``; ``/connections`` lists all
 workers' connections (with their ``worker``) and a kick goes to the worker
@@ -25,6 +28,9 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from wsgate.admin import _Base, _json, _LimitedRequest
+
+PROBE_TIMEOUT = 2.0  # seconds a worker has to answer /livez or /readyz
+WORKER_START_GRACE = 10.0  # seconds a new worker's control socket may not answer yet
 
 
 @implementer(IAgentEndpointFactory)
@@ -63,18 +69,92 @@ class _Pool:
         return d.addCallback(lambda response: readBody(response).addCallback(
             lambda data: (response.code, data)))
 
-    def call_all(self, method, path):
+    def call_all(self, method, path, timeout=None):
         """Call every running worker; fire with ``[(index, (success, result))]`` (a
-        ``DeferredList`` result: *result* is ``(status, body)`` or the failure)."""
+        ``DeferredList`` result: *result* is ``(status, body)`` or the failure: a
+        ``defer.TimeoutError`` when a worker did not answer within *timeout* seconds)."""
         indexes = self.indexes()
         calls = [self.call(i, method, path) for i in indexes]
+        if timeout is not None:
+            for d in calls:
+                d.addTimeout(timeout, reactor, onTimeoutCancel=_no_answer)
         d = defer.DeferredList(calls, consumeErrors=True)
         return d.addCallback(lambda results: list(zip(indexes, results)))
 
 
+def _no_answer(result, timeout):
+    """A call cancelled by its timeout fails with ``defer.TimeoutError`` (the Agent's own
+    failure for a cancelled request is ``ResponseNeverReceived``)."""
+    raise defer.TimeoutError(f"no answer within {timeout}s")
+
+
 def _finish(request, status, body):
+    """Answer *request* with JSON, unless its client left while the workers were asked
+    (a probe's own timeout may be shorter than :data:`PROBE_TIMEOUT`): twisted.web
+    raises when a request whose connection is gone is finished."""
+    if request.channel is None:  # connectionLost
+        return
     request.write(_json(request, status, body))
     request.finish()
+
+
+class _Live(_Base):
+    """``GET /livez``: 200 when the parent answers (its reactor turns) and every running
+    worker answers its own ``/livez`` within :data:`PROBE_TIMEOUT`; else 503 naming the
+    ``unresponsive`` workers: a hung worker is only cured by a restart.
+
+    A worker whose control socket cannot be reached yet is ``starting`` (alive) for
+    :data:`WORKER_START_GRACE` seconds after it was started; a worker that ended is
+    not listed (the parent starts it again, which is no reason to restart the pool).
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        def combine(results):
+            now = reactor.seconds()
+            workers = []
+            for index, (success, value) in results:
+                if success and value[0] == 200:
+                    status = "ok"
+                elif not success and not value.check(defer.TimeoutError) and \
+                        now - self.admin.pool.workers[index].started < WORKER_START_GRACE:
+                    status = "starting"
+                else:
+                    status = "unresponsive"
+                workers.append({"worker": index, "status": status})
+            alive = all(w["status"] != "unresponsive" for w in workers)
+            _finish(request, 200 if alive else 503,
+                    {"status": "ok" if alive else "unresponsive", "workers": workers})
+        self.admin.call_all(b"GET", b"/livez", PROBE_TIMEOUT).addCallback(combine)
+        return server.NOT_DONE_YET
+
+
+class _Ready(_Base):
+    """``GET /readyz``: 200 when the pool is not stopping and each of its ``workers``
+    runs and answers ready within :data:`PROBE_TIMEOUT`; else 503 with the first
+    reason: ``draining`` (the pool is stopping), a worker's own (``draining``,
+    ``broker_down``, ``not_listening``), ``unreachable`` (a worker did not answer) or
+    ``not_running`` (a worker is being started again)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        def combine(results):
+            workers = {}
+            for index, (success, value) in results:
+                body = json.loads(value[1]) if success else {"status": "unreachable"}
+                workers[index] = {"worker": index, **body}
+            for index in range(self.admin.pool.count):
+                workers.setdefault(index, {"worker": index, "status": "not_running"})
+            listed = [workers[index] for index in sorted(workers)]
+            reasons = [w["status"] for w in listed if w["status"] != "ok"]
+            status = "draining" if self.admin.pool.stopping else \
+                reasons[0] if reasons else "ok"
+            _finish(request, 200 if status == "ok" else 503,
+                    {"status": status, "workers": listed})
+        self.admin.call_all(b"GET", b"/readyz", PROBE_TIMEOUT).addCallback(combine)
+        return server.NOT_DONE_YET
 
 
 class _Health(_Base):
@@ -111,6 +191,8 @@ class _Metrics(_Base):
 
     def render_GET(self, request):
         def combine(results):
+            if request.channel is None:  # the scraper left (see _finish)
+                return
             families = {}
             for index, (success, value) in results:
                 if not success or value[0] != 200:
@@ -237,6 +319,8 @@ class PoolAdminSite(server.Site):
     def __init__(self, pool):
         self.pool_view = _Pool(pool)
         root = Resource()
+        root.putChild(b"livez", _Live(self.pool_view))
+        root.putChild(b"readyz", _Ready(self.pool_view))
         root.putChild(b"healthz", _Health(self.pool_view))
         root.putChild(b"metrics", _Metrics(self.pool_view))
         root.putChild(b"connections", _Connections(self.pool_view))

@@ -1,8 +1,10 @@
 """The service tree of a gateway process, and what signals do to it.
 
 ``GatewayService`` owns the listeners, the brokers and the admin endpoint.
-SIGTERM drains (stop accepting, close every WebSocket with 1001, wait up to
-``drain_timeout``, exit 0; a second SIGTERM ends at once). SIGHUP reloads the
+SIGTERM drains: new upgrades (and each listener's ``health_path``) get 503 on
+listeners kept open for ``drain_delay``, so a load balancer takes the node out;
+then it stops accepting, closes every WebSocket with 1001, waits up to
+``drain_timeout`` and exits 0; a second SIGTERM ends at once. SIGHUP reloads the
 config: new connections see the new routes, policies, limits, admin token and
 certificates; live connections are untouched; an invalid config is logged and
 the old one stays in force.
@@ -100,15 +102,16 @@ class ListenerService(ListeningService):
             listener=self.listener.name, tls=self.listener.is_tls)
 
 
-def admin_service(gateway, settings, internal=False):
+def admin_service(gateway, settings, internal=False, listening=lambda: True):
     """The service of the ``[admin]`` endpoint (*internal*: a worker's control socket,
-    ``unix:PATH``, which the pool parent asks; announced as listener ``control``)."""
+    ``unix:PATH``, which the pool parent asks; announced as listener ``control``);
+    *listening()* tells ``/readyz`` whether the listeners accept."""
     def bound(port):
         startup.announce_listening(port, "admin listening on {address}",
                                    listener="control" if internal else "admin", tls=False)
 
     return ListeningService(startup.server_endpoint(reactor, settings.endpoint),
-                            AdminSite(gateway, settings, internal),
+                            AdminSite(gateway, settings, internal, listening),
                             f"{settings.endpoint} ([admin])", bound)
 
 
@@ -142,12 +145,18 @@ class GatewayService(service.MultiService):
             self._add_listener(listener)
         if control is not None:  # a worker: the parent's admin endpoint asks us here
             admin_service(self.gateway, AdminSettings(endpoint=f"unix:{control}"),
-                          internal=True).setServiceParent(self)
+                          internal=True, listening=self.listening).setServiceParent(self)
         elif config.admin is not None:
-            admin_service(self.gateway, config.admin).setServiceParent(self)
+            admin_service(self.gateway, config.admin,
+                          listening=self.listening).setServiceParent(self)
         self._warn_unverified(config)
+        self._delay_call = None  # the end of drain_delay
         self._drain_call = None
         self._sigterms = 0
+
+    def listening(self):
+        """Whether every listener accepts connections (not once the drain closed them)."""
+        return all(child.port is not None for child in self.listeners.values())
 
     def _add_listener(self, listener):
         child = ListenerService(self.gateway, listener, self.adopted.get(listener.name))
@@ -202,14 +211,26 @@ class GatewayService(service.MultiService):
     # -- SIGTERM: drain
 
     def drain(self):
-        """Stop accepting, close every WebSocket with 1001, exit when none is left."""
+        """Refuse new connections with 503 (listeners open for ``drain_delay``), then stop
+        accepting, close every WebSocket with 1001, exit when none is left."""
         self._sigterms += 1
         if self._sigterms > 1:
             _log.info("wsgate: stopping now")
             self._stop()
             return
+        self.gateway.draining = True
+        delay = self.config.core.drain_delay
+        if delay > 0:
+            _log.info("wsgate: drain_delay: answering 503 on the listeners for {t}s, then "
+                      "draining", t=delay)
+            self._delay_call = reactor.callLater(delay, self._drain_connections)
+        else:
+            self._drain_connections()
+
+    def _drain_connections(self):
+        """The drain proper: the listeners close, every WebSocket gets 1001."""
+        self._delay_call = None
         gateway = self.gateway
-        gateway.draining = True
         timeout = self.config.core.drain_timeout
         for child in self.listeners.values():
             child.stopListening()
@@ -235,7 +256,7 @@ class GatewayService(service.MultiService):
         self._stop()
 
     def _stop(self):
-        startup.stop(reactor, self._drain_call)
+        startup.stop(reactor, self._delay_call, self._drain_call)
 
     # -- SIGHUP: reload
 

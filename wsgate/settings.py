@@ -7,6 +7,7 @@ an error names the key so the loader can name the file and section too.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 REQUIRED: Any = object()  # get()'s default: the key must be there
@@ -38,3 +39,38 @@ class Settings:
 
     def has(self, key: str) -> bool:
         return key in self.raw
+
+    def secret(self, key: str, config_dir: str, parse: Callable[[str], Any] = str,
+               default: Any = REQUIRED) -> Any:
+        """A secret: the value of *key*, or the content of the file ``<key>_file`` names.
+
+        The file (relative to *config_dir*, the config file's folder) is read
+        now, so a reload reads it again; its content with trailing whitespace
+        stripped is the value (then given to *parse*). Setting both keys, an
+        unreadable file or an empty one is a :class:`SettingError` naming the
+        ``_file`` key (and the file). A type that takes a secret declares both
+        keys.
+        """
+        file_key = key + "_file"
+        if file_key not in self.raw:
+            return self.get(key, parse, default)
+        if key in self.raw:
+            raise SettingError(file_key, f"set {key} or {file_key}, not both")
+        path = self.raw[file_key].strip()
+        if not path:
+            raise SettingError(file_key, "expected a file name")
+        if not os.path.isabs(path):
+            path = os.path.join(config_dir, path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().rstrip()
+        except OSError as e:
+            raise SettingError(file_key, f"cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise SettingError(file_key, f"expected UTF-8 text in {path}") from None
+        if not value:
+            raise SettingError(file_key, f"{path} is empty")
+        try:
+            return parse(value)
+        except ValueError:  # its message could quote the secret
+            raise SettingError(file_key, f"the content of {path} is not valid here") from None

@@ -62,7 +62,7 @@ def build_parser():
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG, metavar="FILE",
                        help=f"the config file (default: {DEFAULT_CONFIG})")
     check.add_argument("-q", "--quiet", action="store_true",
-                       help="print nothing when the config is valid")
+                       help="print nothing but warnings when the config is valid")
     check.set_defaults(run=_run_check)
 
     connect = commands.add_parser(
@@ -144,9 +144,14 @@ def build_parser():
 
 
 def _admin_options(parser):
-    parser.add_argument("--admin", default=admin.DEFAULT_ADMIN, metavar="URL",
-                        help=f"the admin endpoint (default: {admin.DEFAULT_ADMIN})")
-    parser.add_argument("--token", help=f"the admin token (default: ${admin.TOKEN_ENV})")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read the admin endpoint and token from this config file's "
+                             "[admin] section (--admin and --token still win)")
+    parser.add_argument("--admin", metavar="URL",
+                        help=f"the admin endpoint (default: --config's, else "
+                             f"{admin.DEFAULT_ADMIN})")
+    parser.add_argument("--token", help=f"the admin token (default: --config's, else "
+                                        f"${admin.TOKEN_ENV})")
     parser.add_argument("--timeout", type=_duration, default=10.0, metavar="SECONDS",
                         help="time allowed for the answer (default: 10)")
 
@@ -186,7 +191,22 @@ def _run_connect(parser, args):
     return _react(lambda reactor: connect.connect(reactor, options))
 
 
+def _resolve_admin(parser, args, command):
+    """Fill ``args.admin`` and ``args.config_token`` from ``--config`` where not given."""
+    args.config_token = None
+    if args.config is not None:
+        try:
+            url, args.config_token = admin.from_config(args.config)
+        except ValueError as e:
+            parser.exit(2, f"wsgate {command}: {e}\n")
+        if args.admin is None:
+            args.admin = url
+    if args.admin is None:
+        args.admin = admin.DEFAULT_ADMIN
+
+
 def _run_publish(parser, args):
+    _resolve_admin(parser, args, "publish")
     try:
         message = admin.message_from(args.message, sys.stdin.buffer, args.binary)
         request = admin.publish_request(args.admin, args.channel, message, args.binary)
@@ -197,6 +217,7 @@ def _run_publish(parser, args):
 
 
 def _run_connections(parser, args):
+    _resolve_admin(parser, args, "connections")
     if args.kick is None and (args.code is not None or args.reason is not None):
         parser.exit(2, "wsgate connections: --code and --reason go with --kick ID\n")
     try:
@@ -213,9 +234,13 @@ def _run_connections(parser, args):
 
 
 def _token(args):
-    """``--token``, else ``$WSGATE_ADMIN_TOKEN``; an empty one means none."""
-    token = args.token if args.token is not None else os.environ.get(admin.TOKEN_ENV)
-    return token or None
+    """``--token``, else the ``--config`` file's, else ``$WSGATE_ADMIN_TOKEN``; an empty one
+    means none."""
+    if args.token is not None:
+        return args.token or None
+    if args.config_token is not None:
+        return args.config_token
+    return os.environ.get(admin.TOKEN_ENV) or None
 
 
 def _react(start):

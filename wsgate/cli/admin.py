@@ -49,6 +49,45 @@ class AdminAnswer:
         return self.body.decode("utf-8", "replace").rstrip("\n")
 
 
+def from_config(path):
+    """``(admin URL, token)`` from the ``[admin]`` section of the config file at *path*.
+
+    Raises ``ValueError`` (one line) when the file is not a valid config, has no
+    ``[admin]``, or its endpoint cannot be reached over TCP from here (``unix:``,
+    port 0). The token is the config's (``token`` or ``token_file``), or None.
+    """
+    from wsgate.config import ConfigError
+    from wsgate.config.parse import parse
+
+    try:
+        settings = parse(path).admin
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    if settings is None:
+        raise ValueError(f"{path}: has no [admin] section (the admin endpoint is off)")
+    return endpoint_url(settings.endpoint, path), settings.token
+
+
+def endpoint_url(endpoint, where="the config"):
+    """The http(s) URL to reach a ``tcp:``/``tcp6:``/``ssl:`` server endpoint string locally."""
+    parts = endpoint.replace("\\:", "\0").split(":")
+    scheme, args = parts[0], parts[1:]
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    port = options.get("port") or (positional[0] if positional else "")
+    if scheme not in ("tcp", "tcp6", "ssl") or not port.isdigit() or port == "0":
+        raise ValueError(f"{where}: the admin endpoint {endpoint} cannot be reached over TCP "
+                         "from here; give --admin URL")
+    host = options.get("interface", "").replace("\0", ":")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if scheme == 'ssl' else 'http'}://{host}:{port}"
+
+
 def admin_base(url):
     """Check ``--admin`` and return it without a trailing slash."""
     parts = urlsplit(url)

@@ -4,13 +4,14 @@ The validation is :func:`wsgate.config.load` (parse, then build: TLS contexts,
 policies, targets), the very function ``twistd wsgate`` calls, so a file that
 passes here passes at start-up, a port already in use aside: nothing listens
 here and the reactor is not run. On success it prints the effective listeners
-and the routes in the order the router tries them.
+and the routes in the order the router tries them, and on standard error a
+warning for each risky choice the file makes (``-q`` keeps the warnings).
 """
 
 import dataclasses
 import sys
 
-from wsgate import units
+from wsgate import sameorigin, units
 from wsgate.routing import build_router
 
 
@@ -28,7 +29,32 @@ def run(path, out=None, err=None, quiet=False):
         return 1
     if not quiet:
         out.write(render(config))
+    for warning in warnings(config):
+        err.write(f"wsgate: warning: {warning}\n")
     return 0
+
+
+def warnings(config):
+    """What a valid *config* risks, one sentence each.
+
+    A proxy route open to every origin (``allow_cross_origin = yes`` and no
+    enforcing ``origin`` policy): the upstream always gets the client's
+    ``Cookie`` (and ``Authorization``), so any site's page the user visits can
+    open it with the user's session (cross-site WebSocket hijacking). Every
+    proxy route is named, not only those whose upstream reads cookies: that
+    cannot be told from here.
+    """
+    found = []
+    for route in config.routes:
+        enforced = any(sameorigin.checks_origin(policy) and policy.mode != "shadow"
+                       for policy in route.policies)
+        if route.allow_cross_origin and not enforced and route.target.type == "upstream":
+            found.append(
+                f"[route:{route.name}] allow_cross_origin = yes on a proxy route: pages of "
+                "any site can open it with the user's cookies, which are forwarded "
+                "upstream; list the sites in an origin policy instead, unless the "
+                "upstream authenticates without cookies")
+    return found
 
 
 def render(config):
@@ -107,6 +133,8 @@ def _route_row(route):
         overrides.append(f"max_message_size={units.format_size(route.max_message_size)}")
     if route.idle_timeout is not None:
         overrides.append(f"idle_timeout={_off_or_duration(route.idle_timeout)}")
+    if route.allow_cross_origin:
+        overrides.append("allow_cross_origin=yes")
     return [
         route.name,
         route.host.text,

@@ -95,10 +95,14 @@ def _route(parsed, route, policies):
         raise section.error(None, f"the target factory failed: {e}") from None
     section.used.update(keys | {"target"})
     section.finish()
+    if route.allow_cross_origin and not target.websocket:
+        raise section.error("allow_cross_origin", "applies to WebSocket routes only (this "
+                            "route serves plain GET requests)")
     return RouteSettings(
         name=route.name, host=route.host, path=route.path, target=target,
         listeners=route.listeners, policies=tuple(policies[name] for name in route.policies),
-        max_message_size=route.max_message_size, idle_timeout=route.idle_timeout)
+        max_message_size=route.max_message_size, idle_timeout=route.idle_timeout,
+        allow_cross_origin=route.allow_cross_origin)
 
 
 def _check_workers(parsed, routes):

@@ -29,6 +29,8 @@ class CoreSettings:
     max_connections: int = 50000
     broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
     drain_timeout: float = 30.0
+    drain_delay: float = 0.0  # after SIGTERM, seconds of 503s on open listeners before the drain
+    ready_requires_broker: bool = False  # /readyz is 503 while the broker is down
     log_messages: bool = False
     metrics: bool = True
     fast_paths: bool = True
@@ -55,6 +57,7 @@ class BrokerSettings:
     prefix: str = "wsgate:"
     timeout: float = 2.0  # per Redis command
     ca: str = None  # PEM CA file for rediss://
+    password: str = field(default=None, repr=False)  # password/password_file (else the URL's)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class ListenerSettings:
     trusted_proxies: tuple = ()  # ipaddress networks whose X-Forwarded-For is believed
     max_fragments: int = 1024  # frames per message; beyond it 1009
     backlog: int = 1024  # the listen() queue of not yet accepted connections
+    health_path: str = None  # a load balancer's probe: 200 ok (503 while draining); None: off
 
     @property
     def is_tls(self):
@@ -103,6 +107,7 @@ class RouteSettings:
     policies: tuple = ()  # IPolicy providers, in order (built)
     max_message_size: int = None  # None: the listener's
     idle_timeout: float = None  # None: the listener's
+    allow_cross_origin: bool = False  # no: cross-origin upgrades get 403 (wsgate.sameorigin)
 
 
 @dataclass(frozen=True)

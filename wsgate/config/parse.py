@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from wsgate import units
 from wsgate.config.model import (
@@ -41,6 +42,7 @@ class RouteSection:
     policies: tuple  # [policy:NAME] names, in order
     max_message_size: int
     idle_timeout: float
+    allow_cross_origin: bool = False
 
 
 @dataclass
@@ -84,6 +86,15 @@ class _Section:
         except SettingError as e:
             raise self.error(e.key, e.message) from None
 
+    def secret(self, key, base, parse=str, default=REQUIRED):
+        """*key* or the content of the file ``<key>_file`` names (see
+        :meth:`wsgate.settings.Settings.secret`)."""
+        self.used.update((key, key + "_file"))
+        try:
+            return self.settings.secret(key, base, parse, default)
+        except SettingError as e:
+            raise self.error(e.key, e.message) from None
+
     def finish(self):
         unknown = sorted(set(self.items) - self.used)
         if unknown:
@@ -124,7 +135,7 @@ def _parse(path, parser):
         if name == "wsgate":
             core = _core(section)
         elif name == "admin":
-            admin = _admin(section)
+            admin = _admin(section, base)
         elif kind == "listen" and label:
             listeners.append(_listener(section, label, base))
         elif kind == "broker" and label:
@@ -150,18 +161,19 @@ def _parse(path, parser):
     listener_names = tuple(listener.name for listener in listeners)
     route_sections = tuple(_route(section, listener_names, policy_names)
                            for section in routes)
+    _check_duplicate_routes(route_sections, listener_names)
     _check_listeners_for_workers(path, core, listeners)
     return Parsed(path, base, core, admin, brokers, tuple(listeners), route_sections,
                   tuple(policy_sections))
 
 
-def _admin(section):
+def _admin(section, base):
     endpoint = section.take("endpoint", units.non_empty, AdminSettings.endpoint)
     _check_endpoint(section, endpoint)
-    token = section.take("token", units.non_empty, None)
+    token = section.secret("token", base, units.non_empty, None)
     if token is None and not _is_loopback_endpoint(endpoint):
         raise section.error("token", f"is required: the admin endpoint {endpoint} is not "
-                            "loopback-only (set interface=127.0.0.1 or a token)")
+                            "loopback-only (set interface=127.0.0.1, or token or token_file)")
     return AdminSettings(
         endpoint=endpoint, token=token,
         max_publish_size=section.take("max_publish_size", units.parse_size, 1024 * 1024))
@@ -191,6 +203,22 @@ def _workers(text):
     return units.parse_positive_int(text)
 
 
+def _check_duplicate_routes(routes, listener_names):
+    """Two routes with the same host and path on a common listener: the second could
+    never be chosen (routing breaks ties by file order), so it is a mistake."""
+    seen = {}
+    for route in routes:
+        shape = (route.host.text, route.path.prefix,
+                 tuple((kind, value if kind == "lit" else "") for kind, value in
+                       route.path.segments))
+        for listener in route.listeners or listener_names:
+            earlier = seen.setdefault((shape, listener), route)
+            if earlier is not route:
+                raise route.section.error(
+                    "path", f"the same host and path as [{earlier.section.name}] on listener "
+                    f"{listener!r}: one of them could never be chosen")
+
+
 def _check_listeners_for_workers(path, core, listeners):
     """With several worker processes the listening sockets are shared: plain ones only."""
     if core.workers == 1:
@@ -213,10 +241,14 @@ def _broker(section, name, base):
     ca = section.take("ca", units.non_empty, None)
     if ca is not None and not url.startswith("rediss://"):
         raise section.error("ca", "only applies to rediss:// URLs")
+    password = section.secret("password", base, units.non_empty, None)
+    if password is not None and urlsplit(url).password is not None:
+        key = "password_file" if section.has("password_file") else "password"
+        raise section.error(key, "the url carries a password already: give it in one place")
     return BrokerSettings(
         name, kind, url=url, prefix=section.take("prefix", str, "wsgate:"),
         timeout=section.take("timeout", units.positive_duration, 2.0),
-        ca=_resolve(base, ca) if ca else None)
+        ca=_resolve(base, ca) if ca else None, password=password)
 
 
 def _core(section):
@@ -226,6 +258,8 @@ def _core(section):
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
         broker=section.take("broker", units.non_empty, None),
         drain_timeout=section.take("drain_timeout", units.positive_duration, 30.0),
+        drain_delay=section.take("drain_delay", units.parse_duration, 0.0),
+        ready_requires_broker=section.take("ready_requires_broker", units.parse_bool, False),
         log_messages=section.take("log_messages", units.parse_bool, False),
         metrics=section.take("metrics", units.parse_bool, True),
         fast_paths=section.take("fast_paths", units.parse_bool, True),
@@ -235,7 +269,7 @@ def _core(section):
 
 
 def _listener(section, name, base):
-    endpoint = section.take("endpoint", units.non_empty)
+    endpoint = _files_relative_to(base, section.take("endpoint", units.non_empty))
     _check_endpoint(section, endpoint)
     cert = section.take("tls_cert", units.non_empty, None)
     key = section.take("tls_key", units.non_empty, None)
@@ -271,6 +305,7 @@ def _listener(section, name, base):
             "trusted_proxies", lambda text: parse_networks(units.parse_list(text)), ()),
         max_fragments=section.take("max_fragments", units.bounded_int(1, 1 << 24), 1024),
         backlog=section.take("backlog", units.bounded_int(1, 65535), 1024),
+        health_path=section.take("health_path", _health_path, None),
     )
     if "backlog=" in endpoint:
         raise section.error("backlog", "set the backlog with this key, not in the endpoint "
@@ -280,6 +315,31 @@ def _listener(section, name, base):
     if settings.max_frame_size < 1:
         raise section.error("max_frame_size", "expected a size of at least 1 byte")
     return settings
+
+
+# The file arguments of ssl: endpoints (Twisted's names); they are relative to the
+# config file's folder, as tls_cert is, not to the process's working directory.
+_ENDPOINT_FILE_ARGS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
+
+
+def _files_relative_to(base, endpoint):
+    """*endpoint* with the relative file arguments of an ``ssl:`` endpoint made absolute."""
+    if endpoint.split(":", 1)[0] != "ssl":
+        return endpoint
+    parts = endpoint.replace("\\:", "\0").split(":")
+    for i, part in enumerate(parts):
+        name, sep, value = part.partition("=")
+        if sep and name in _ENDPOINT_FILE_ARGS and value and not value.startswith("/"):
+            parts[i] = f"{name}={_resolve(base, value)}".replace(":", "\0")
+    return ":".join(parts).replace("\0", "\\:")
+
+
+def _health_path(text):
+    """A listener's ``health_path``: a path of its own, without query string or fragment."""
+    path = units.non_empty(text)
+    if not path.startswith("/") or any(c in path for c in "?# \t"):
+        raise ValueError(f"expected a path such as /healthz (no query string), got {text!r}")
+    return path
 
 
 def _resolve(base, path):
@@ -323,4 +383,5 @@ def _route(section, listener_names, policy_names):
     return RouteSection(
         section, name, host, path, listeners, chosen,
         max_message_size=section.take("max_message_size", units.parse_size, None),
-        idle_timeout=section.take("idle_timeout", units.parse_duration, None))
+        idle_timeout=section.take("idle_timeout", units.parse_duration, None),
+        allow_cross_origin=section.take("allow_cross_origin", units.parse_bool, False))

@@ -77,14 +77,38 @@ class Allow:
     ``{name: value}`` or an iterable of ``(name, value)`` pairs, both strings
     without CR, LF or NUL. They are normalised to a tuple of pairs here, so a
     malformed value fails in the policy that returned it, not later.
+
+    *strip_headers* (header names, any case) and *strip_query* (query
+    parameter names, as decoded) are what of the client's request the
+    upstream must not see: a credential the policy consumed, say. A proxy
+    route then leaves those client headers out of the upstream request and
+    those parameters (every occurrence) out of the query string it appends;
+    headers a policy adds through *headers* are kept, so a policy may replace
+    a credential. What every allowing policy of the chain strips is stripped.
     """
 
     identity: str = None
     headers: tuple = ()  # ((name, value), ...) added to the upstream request
     session: object = None  # an IPolicySession, or None
+    strip_headers: tuple = ()  # lower-case names of client headers kept from the upstream
+    strip_query: tuple = ()  # query parameter names kept from the upstream
 
     def __post_init__(self):
         object.__setattr__(self, "headers", header_pairs(self.headers))
+        object.__setattr__(self, "strip_headers", _names(self.strip_headers, str.lower))
+        object.__setattr__(self, "strip_query", _names(self.strip_query, str))
+
+
+def _names(names, normalise):
+    """*names* (an iterable of non-empty strings, not one string) as a tuple."""
+    if names == ():
+        return names
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"expected a sequence of names, got {names!r}")
+    result = tuple(names)
+    if not all(isinstance(name, str) and name for name in result):
+        raise ValueError(f"expected non-empty names, got {result!r}")
+    return tuple(normalise(name) for name in result)
 
 
 def header_pairs(headers):
@@ -131,11 +155,14 @@ DROP = "drop"
 
 @dataclass
 class ChainOutcome:
-    """What the chain leaves for the connection: identity, upstream headers, sessions."""
+    """What the chain leaves for the connection: identity, upstream headers, what of the
+    client's request the upstream must not see (see :class:`Allow`), sessions."""
 
     identity: str = None
     headers: list = field(default_factory=list)
     sessions: list = field(default_factory=list)
+    strip_headers: set = field(default_factory=set)  # lower-case header names
+    strip_query: set = field(default_factory=set)  # query parameter names
 
     def release(self):
         """Tell every session the connection is over (exactly once)."""
@@ -215,6 +242,8 @@ class PolicyChain:
                     if decision.identity is not None:
                         outcome.identity = request.identity = decision.identity
                     outcome.headers.extend(decision.headers)
+                    outcome.strip_headers.update(decision.strip_headers)
+                    outcome.strip_query.update(decision.strip_query)
                     if decision.session is not None:
                         session = decision.session
                         if policy.mode == "shadow":

@@ -3,6 +3,11 @@
 Keys are stored as SHA-256 digests and a presented key is looked up by its
 digest, so the comparison never runs over the secret byte by byte (constant
 time with respect to the stored keys) and memory holds no plain keys.
+
+The key is the gateway's to check, not the upstream's: unless ``forward_key =
+yes``, a proxy route does not pass on where it came from (the
+``Authorization`` header, the ``header`` or the ``query`` parameter; each that
+carried it), through :class:`~wsgate.policies.Allow`'s strip fields.
 """
 
 import hashlib
@@ -26,21 +31,37 @@ def _digest(key):
 class ApiKeyPolicy:
     mode = "enforce"
 
-    def __init__(self, name, keys, header, query):
+    def __init__(self, name, keys, header, query, forward_key=False):
         self.name = name
         self._labels = {_digest(key): label for key, label in keys.items()}
         self.header = header.lower()
         self.query = query
+        self.forward_key = forward_key
 
     def check(self, request):
-        token = (request.bearer_token() or request.header(self.header)
-                 or request.query_value(self.query))
+        bearer = request.bearer_token()
+        header = request.header(self.header)
+        query = request.query_value(self.query)
+        token = bearer or header or query
         if not token:
             return Deny(401, "API key required", _CHALLENGE)
-        label = self._labels.get(_digest(token.strip()))
+        token = token.strip()
+        label = self._labels.get(_digest(token))
         if label is None:
             return Deny(401, "Invalid API key", _CHALLENGE)
-        return Allow(identity=label)
+        if self.forward_key:
+            return Allow(identity=label)
+        return Allow(
+            identity=label,
+            strip_headers=[name for name, value in (("authorization", bearer),
+                                                    (self.header, header))
+                           if _carries(value, token)],
+            strip_query=[self.query] if _carries(query, token) else [])
+
+
+def _carries(value, key):
+    """Whether a place the key may come from (a value or None) holds *key*."""
+    return value is not None and value.strip() == key
 
 
 def _label_for(key, label):
@@ -84,7 +105,8 @@ def build(name, settings, context):
         raise PolicyConfigError("keys", "expected at least one key (keys or keys_file)")
     return ApiKeyPolicy(name, keys,
                         settings.get("header", str, "X-API-Key"),
-                        settings.get("query", str, "api_key"))
+                        settings.get("query", str, "api_key"),
+                        settings.get("forward_key", units.parse_bool, False))
 
 
-apikey = PolicyType("apikey", ("keys", "keys_file", "header", "query"), build)
+apikey = PolicyType("apikey", ("keys", "keys_file", "header", "query", "forward_key"), build)

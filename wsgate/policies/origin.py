@@ -4,7 +4,9 @@ The defence against cross-site WebSocket hijacking: a browser always sends
 Origin, and another site's page must not ride on the user's cookies. Allowed
 origins are full origins (scheme, host, optional port); ``*`` stands for one
 or more host labels (``https://*.example.com`` matches ``https://a.b.example.com``
-but not ``https://example.com``).
+but not ``https://example.com``). A route with this policy (enforcing or in
+shadow mode) does not get the gateway's same-origin default: the policy's
+list replaces it.
 """
 
 import re
@@ -38,6 +40,9 @@ def _pattern(text):
 @implementer(IPolicy)
 class OriginPolicy:
     mode = "enforce"
+    # The route's Origin is decided here, so the gateway's same-origin default
+    # (wsgate.sameorigin) steps aside, in shadow mode too.
+    checks_origin = True
 
     def __init__(self, name, patterns, allow_missing):
         self.name, self.patterns, self.allow_missing = name, patterns, allow_missing

@@ -181,7 +181,10 @@ class _ProtocolFactory(Factory):
         self.failed(f"connection lost: {message}")
 
 
-def parse_url(url, timeout):
+def parse_url(url, timeout, password=None):
+    """The connection settings of a ``redis://`` or ``rediss://`` *url*; *password*
+    (``[broker:NAME] password`` or ``password_file``) stands in for the URL's, which
+    the config refuses to have both of."""
     split = urlsplit(url)
     db = split.path.strip("/")
     return {
@@ -190,7 +193,8 @@ def parse_url(url, timeout):
         "port": split.port or 6379,
         "db": int(db) if db else None,
         "username": unquote(split.username) if split.username else None,
-        "password": unquote(split.password) if split.password else None,
+        "password": password if password is not None else (
+            unquote(split.password) if split.password else None),
         "timeout": timeout,
     }
 
@@ -208,7 +212,7 @@ class RedisBroker(MultiService):
         self.node_id = node_id
         self._sub = None  # the ready subscriber protocol, or None
         self._pub = None  # the ready publishing protocol, or None
-        url = parse_url(settings.url, settings.timeout)
+        url = parse_url(settings.url, settings.timeout, settings.password)
         self._outage = _Outage(settings.name, f"{url['host']}:{url['port']}", reactor)
         endpoint = HostnameEndpoint(reactor, url["host"], url["port"], timeout=5)
         if url["tls"]:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate import fastpath, http, units
-from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
+from wsgate.forwarding import HOP_BY_HOP, forwarded_headers, query_without
 from wsgate.interfaces import ITarget
 from wsgate.settings import SettingError
 from wsgate.targets import TargetType
@@ -52,10 +52,14 @@ class UpstreamRejected(Exception):
 
 
 def upstream_request(request):
-    """The bytes of the upgrade request the upstream gets for *request* (an Accepted)."""
+    """The bytes of the upgrade request the upstream gets for *request* (an Accepted),
+    without the client headers and query parameters the policies strip."""
     target, match, head, listener = request.route.target, request.match, request.head, \
         request.listener
-    path = target.request_target(match, head)
+    outcome = request.connection.outcome  # the policy chain's ChainOutcome
+    strip_headers = outcome.strip_headers if outcome is not None else ()
+    strip_query = outcome.strip_query if outcome is not None else ()
+    path = target.request_target(match, head, strip_query)
     headers = [("Host", target.host_header), ("Upgrade", "websocket"),
                ("Connection", "Upgrade"),
                ("Sec-WebSocket-Key", head.get("sec-websocket-key").strip()),
@@ -67,7 +71,7 @@ def upstream_request(request):
     if extensions and listener.compression:
         headers.append(("Sec-WebSocket-Extensions", ", ".join(extensions)))
     headers.extend(forwarded_headers(request.origin, head, request.connection.conn_id,
-                                     listener.is_tls, target.forward_headers))
+                                     listener.is_tls, target.forward_headers, strip_headers))
     headers.extend(request.headers)  # from policies (e.g. the JWT identity)
     return http.render_head(f"GET {path} HTTP/1.1", headers)
 
@@ -313,14 +317,16 @@ class UpstreamTarget:
         default = 443 if self.scheme == "wss" else 80
         return host if self.port == default else f"{host}:{self.port}"
 
-    def request_target(self, match, head):
-        """The upstream request path: the template filled in, the client's query appended."""
+    def request_target(self, match, head, strip_query=()):
+        """The upstream request path: the template filled in, the client's query appended
+        without the parameters named in *strip_query*."""
         values = dict(match.params, path=head.path, tail=match.tail)
         target = fill_template(self.path_template, values) or "/"
         if not target.startswith("/"):
             target = "/" + target
-        if head.query:
-            target += ("&" if "?" in target else "?") + head.query
+        query = query_without(head.query, strip_query) if head.query else ""
+        if query:
+            target += ("&" if "?" in target else "?") + query
         return target
 
     def describe(self):

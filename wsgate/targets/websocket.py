@@ -90,6 +90,9 @@ def make_websocket_factory(listener, clock):
         closeHandshakeTimeout=5,
         autoPingInterval=listener.ping_interval,
         autoPingTimeout=listener.ping_timeout,
+        # The gateway decided on Origin already (wsgate.sameorigin, origin policies);
+        # setProtocolOptions would otherwise reset this to refuse Origin: null with 400.
+        allowNullOrigin=True,
         perMessageCompressionAccept=(
             _accept_permessage_deflate if listener.compression else None),
     )
