@@ -258,7 +258,8 @@ node_id = bench
 log_format = json
 {wsgate_extra}
 [listen:main]
-endpoint = tcp:0:interface=127.0.0.1:backlog=4096
+endpoint = tcp:0:interface=127.0.0.1
+backlog = 4096
 ping_interval = {ping_interval}
 max_message_size = 16MiB
 
