@@ -202,26 +202,43 @@ def test_a_pool_leaves_no_temporary_folder_after_a_clean_exit_or_a_crash(tmp_pat
     temp = tempfile.mkdtemp(prefix="wt")  # short: UNIX socket paths are at most 107 bytes
     for name in ("clean", "crash", "after"):
         (tmp_path / name).mkdir()
-    gw = start_gateway(tmp_path / "clean", "", base=POOL_ECHO, listeners=("main", "admin"),
-                       env={"TMPDIR": str(temp)})
-    wait_healthy(gw)
-    assert len(_control_dirs(temp)) == 1
-    assert gw.stop() == 0
-    assert _control_dirs(temp) == []
-    crashed = start_gateway(tmp_path / "crash", "", base=POOL_ECHO, listeners=("main", "admin"),
-                            env={"TMPDIR": str(temp)})
-    wait_healthy(crashed)
-    crashed.proc.kill()  # SIGKILL: no time to clean up; its workers follow it
-    crashed.proc.wait(10)
-    crashed.stop()
-    assert len(_control_dirs(temp)) == 1
-    after = start_gateway(tmp_path / "after", "", base=POOL_ECHO, listeners=("main", "admin"),
-                          env={"TMPDIR": str(temp)})
+    started = []
+
+    def pool(name):
+        gw = start_gateway(tmp_path / name, "", base=POOL_ECHO, listeners=("main", "admin"),
+                           env={"TMPDIR": temp})
+        started.append(gw)
+        wait_healthy(gw)
+        return gw
+
     try:
-        wait_healthy(after)
+        gw = pool("clean")
+        assert len(_control_dirs(temp)) == 1
+        assert gw.stop() == 0
+        assert _control_dirs(temp) == []
+        crashed = pool("crash")
+        crashed.proc.kill()  # SIGKILL: no time to clean up; its workers follow it
+        crashed.proc.wait(10)
+        assert len(_control_dirs(temp)) == 1
+        after = pool("after")
         assert len(_control_dirs(temp)) == 1  # its own; the crashed parent's is gone
         assert str(after.proc.pid) in _control_dirs(temp)[0]
-    finally:
         assert after.stop() == 0
-    assert _control_dirs(temp) == []
-    shutil.rmtree(temp)
+        assert _control_dirs(temp) == []
+    finally:
+        for gw in started:
+            gw.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_pool_under_a_long_temp_folder_still_starts_its_workers(tmp_path):
+    """A control socket path over 107 bytes cannot be bound: the workers would crash and
+    be restarted for ever. The pool then uses /tmp."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    gw = start_gateway(tmp_path, "", base=POOL_ECHO, listeners=("main", "admin"),
+                       env={"TMPDIR": str(deep)})
+    try:
+        wait_healthy(gw)
+    finally:
+        assert gw.stop() == 0

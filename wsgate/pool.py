@@ -58,6 +58,20 @@ CONTROL_DIR_PREFIX = "wsgate-workers-"
 _CONTROL_DIR = re.compile(re.escape(CONTROL_DIR_PREFIX) + r"(\d+)-")
 
 
+# A UNIX socket path is at most 107 bytes: a worker whose control socket path is
+# longer cannot bind it and would be restarted for ever.
+_MAX_SOCKET_PATH = 107
+
+
+def control_parent():
+    """Where the control folder goes: the temp folder ($TMPDIR), or /tmp when the
+    sockets' paths under it would be too long for UNIX sockets."""
+    parent = tempfile.gettempdir()
+    longest = os.path.join(parent, f"{CONTROL_DIR_PREFIX}{os.getpid()}-xxxxxxxx",
+                           "worker-9999.sock")
+    return parent if len(longest.encode()) <= _MAX_SOCKET_PATH else "/tmp"
+
+
 def remove_stale_control_dirs(parent=None):
     """Remove the control folders (in *parent*, default the temp folder) of this user's
     pool parents that no longer run."""
@@ -97,8 +111,10 @@ class WorkerPool(service.MultiService):
         self.count = config.core.workers
         self.sockets = {}  # listener name → (fd, address family), once bound
         self.workers = {}  # index → _Worker
-        remove_stale_control_dirs()
-        self.control_dir = tempfile.mkdtemp(prefix=f"{CONTROL_DIR_PREFIX}{os.getpid()}-")
+        parent = control_parent()
+        remove_stale_control_dirs(parent)
+        self.control_dir = tempfile.mkdtemp(prefix=f"{CONTROL_DIR_PREFIX}{os.getpid()}-",
+                                            dir=parent)
         self.stopping = 0
         self._kill_call = None
         self._close_call = None  # the end of drain_delay: the parent's sockets close
