@@ -83,7 +83,7 @@ def subscriber(gateway, fanout, n):
     protocol.send_queue = []
     session = BroadcastSubscriber(NullBroker(), "ch", Target(), "node", None, "r",
                                flusher=gateway.flusher)
-    protocol.app = session
+    protocol.app = protocol.coalescing = session
     session.opened(protocol)
     fanout.add("ch", session)
     return protocol, session

@@ -16,6 +16,7 @@ from harness import (
     NodeUpstream,
     RedisServer,
     admin_text,
+    free_port,
     parse_response,
     raw_request,
     run,
@@ -179,9 +180,7 @@ def test_process_build_and_handshake_metrics_are_exported(gateway):
 
 def test_upstream_connect_time_is_a_histogram(tmp_path):
     node = NodeUpstream()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()  # closed again: nothing listens there
     gw = start_gateway(tmp_path, f"""
 [route:app]
 path = /app
@@ -214,9 +213,7 @@ upstream = ws://127.0.0.1:{dead}/echo
 
 
 def test_admin_publish_refused_while_the_broker_is_down(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()  # closed again: nothing listens there
     gw = start_gateway(tmp_path, f"""
 [broker:r]
 type = redis
@@ -352,9 +349,7 @@ broadcast = room:{{room}}
 
 
 def test_a_redis_broker_unreachable_at_start_up_is_one_warning(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
+    dead = free_port()  # closed again: nothing listens there
     gw = start_gateway(tmp_path, f"""
 [broker:r]
 type = redis

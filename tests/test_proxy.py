@@ -10,7 +10,15 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from harness import NodeUpstream, parse_response, raw_request, run, start_gateway, upgrade_request
+from harness import (
+    NodeUpstream,
+    free_port,
+    parse_response,
+    raw_request,
+    run,
+    start_gateway,
+    upgrade_request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +53,9 @@ upstream_timeout = 2s
 """
 
 
-def _dead_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again: nothing listens there
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, upstream):
-    gw = start_gateway(tmp_path_factory.mktemp("proxy"), _routes(upstream.port, _dead_port()),
+    gw = start_gateway(tmp_path_factory.mktemp("proxy"), _routes(upstream.port, free_port()),
                        listeners=("main", "trusting"))
     yield gw
     assert gw.stop() == 0

@@ -18,7 +18,8 @@ import types
 
 import autobahn
 
-from wsgate.targets.websocket import TerminatedProtocol, log_message
+from wsgate.observe import log_message
+from wsgate.targets.websocket import TerminatedProtocol
 from wsgate.utf8 import Utf8Validator
 
 SUPPORTED_AUTOBAHN = range(24, 27)
@@ -87,8 +88,9 @@ class FastTerminatedProtocol(TerminatedProtocol):
         self.message_data = None
 
     def sendData(self, data, sync=False, chopsize=None):
-        if getattr(self.app, "pending", None):  # broadcast frames queued this iteration
-            self.app.flush()                      # go first
+        coalescing = self.coalescing
+        if coalescing is not None and coalescing.pending:  # broadcast frames queued this
+            coalescing.flush()                                # iteration go first
         if sync or chopsize or self.send_queue:
             return TerminatedProtocol.sendData(self, data, sync, chopsize)
         self.transport.write(data)

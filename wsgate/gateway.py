@@ -447,7 +447,8 @@ class HandshakeProtocol(Protocol):
         self._outcome = connection.outcome = outcome
         connection.identity = outcome.identity
         request = targets.Accepted(self.gateway, self.listener, match, head, connection,
-                                   self.origin, tuple(outcome.headers), self.fast)
+                                   self.origin, tuple(outcome.headers), self.fast,
+                                   tuple(outcome.strip_headers), tuple(outcome.strip_query))
         self._wait(defer.maybeDeferred(match.route.target.accept, request), self._take_over,
                    match.route.target)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
     FileLogObserver,
@@ -86,3 +86,10 @@ def format_address(address: object) -> str:
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def log_message(connection: Any, verb: str, size: int, is_binary: bool) -> None:
+    """``websocket.message.received`` / ``.sent`` for *connection* (a
+    :class:`wsgate.gateway.Connection`); only with ``log_messages = yes``."""
+    emit(f"websocket.message.{verb}", f"message {verb} on {{route}}: {{size}} bytes",
+         size=size, binary=is_binary, **connection.fields())

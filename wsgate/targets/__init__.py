@@ -49,6 +49,8 @@ class Accepted:
     origin: Any  # wsgate.forwarding.ClientOrigin: the client behind trusted proxies
     headers: tuple = ()  # (name, value) pairs the policies add to an upstream request
     fast: bool = False  # [wsgate] fast_paths
+    strip_headers: tuple = ()  # client headers the policies keep from an upstream
+    strip_query: tuple = ()  # query parameters the policies keep from an upstream
 
     @property
     def route(self):

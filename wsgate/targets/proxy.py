@@ -56,10 +56,7 @@ def upstream_request(request):
     without the client headers and query parameters the policies strip."""
     target, match, head, listener = request.route.target, request.match, request.head, \
         request.listener
-    outcome = request.connection.outcome  # the policy chain's ChainOutcome
-    strip_headers = outcome.strip_headers if outcome is not None else ()
-    strip_query = outcome.strip_query if outcome is not None else ()
-    path = target.request_target(match, head, strip_query)
+    path = target.request_target(match, head, request.strip_query)
     headers = [("Host", target.host_header), ("Upgrade", "websocket"),
                ("Connection", "Upgrade"),
                ("Sec-WebSocket-Key", head.get("sec-websocket-key").strip()),
@@ -71,7 +68,7 @@ def upstream_request(request):
     if extensions and listener.compression:
         headers.append(("Sec-WebSocket-Extensions", ", ".join(extensions)))
     headers.extend(forwarded_headers(request.origin, head, request.connection.conn_id,
-                                     listener.is_tls, target.forward_headers, strip_headers))
+                                     listener.is_tls, target.forward_headers, request.strip_headers))
     headers.extend(request.headers)  # from policies (e.g. the JWT identity)
     return http.render_head(f"GET {path} HTTP/1.1", headers)
 

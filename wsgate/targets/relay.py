@@ -16,10 +16,10 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from wsgate import fastpath, frames
+from wsgate.observe import log_message
 from wsgate.flow import ControlFrameRate
 from wsgate.idle import IdleTimer, idle_timeout
 from wsgate.policies import DROP, apply_sessions
-from wsgate.targets.websocket import log_message
 
 _CLOSE_TIMEOUT = 5.0
 

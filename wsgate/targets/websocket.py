@@ -101,12 +101,6 @@ def make_websocket_factory(listener, clock):
     return factory
 
 
-def log_message(connection, verb, size, is_binary):
-    """``websocket.message.received`` / ``.sent`` (only with ``log_messages = yes``)."""
-    observe.emit(f"websocket.message.{verb}", f"message {verb} on {{route}}: {{size}} bytes",
-                 size=size, binary=is_binary, **connection.fields())
-
-
 @implementer(IWebSocketConnection)
 class TerminatedProtocol(WebSocketServerProtocol):
     """Autobahn's server protocol, bounded against hostile clients, running an
@@ -119,6 +113,9 @@ class TerminatedProtocol(WebSocketServerProtocol):
         gateway = self.gateway = request.gateway
         connection = self.connection = request.connection
         self.app = app
+        # an app that coalesces its output (a broadcast subscriber: pending + flush), so
+        # the fast protocol writes what it holds before any other frame; else None
+        self.coalescing = app if hasattr(app, "flush") and hasattr(app, "pending") else None
         self.params = dict(request.match.params)
         self.broker = gateway.broker
         self.idle = IdleTimer(gateway.clock, idle_timeout(request.route, request.listener),
@@ -236,7 +233,7 @@ class TerminatedProtocol(WebSocketServerProtocol):
         if self.policy_sessions and self._refused_by_policy("in", isBinary, len(payload)):
             return
         if self.log_messages:
-            log_message(connection, "received", len(payload), isBinary)
+            observe.log_message(connection, "received", len(payload), isBinary)
         self.app.message(self, payload, isBinary)
 
     def _refused_by_policy(self, direction, is_binary, size):
@@ -269,7 +266,7 @@ class TerminatedProtocol(WebSocketServerProtocol):
         self.connection.bytes_out += size
         self.idle.touch()
         if self.log_messages:
-            log_message(self.connection, "sent", size, is_binary)
+            observe.log_message(self.connection, "sent", size, is_binary)
         return True
 
     def sendData(self, data, sync=False, chopsize=None):
