@@ -261,6 +261,20 @@ class Drain(_Base):
         return _json(request, 200, {"route": name, "draining": False})
 
 
+class Upstreams(_Base):
+    """``GET /upstreams``: every pool's servers: state, weight, live connections, failures
+    by reason and the last health check (token required)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        if request.postpath and request.postpath[0]:
+            return _json(request, 404, {"error": "not found"})
+        return _json(request, 200, {"pools": self.admin.gateway.upstreams.describe()})
+
+
 class AdminSite(server.Site):
     """The admin endpoint's site; answers from the gateway it is given."""
 
@@ -281,6 +295,7 @@ class AdminSite(server.Site):
         root.putChild(b"publish", Publish(self))
         root.putChild(b"connections", Connections(self))
         root.putChild(b"drain", Drain(self))
+        root.putChild(b"upstreams", Upstreams(self))
         super().__init__(root)
         bound_requests(self)
         self.displayTracebacks = False

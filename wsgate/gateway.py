@@ -24,7 +24,10 @@ from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
+from wsgate.config.build import pool_health_tls
 from wsgate.targets.websocket import make_websocket_factory
+from wsgate.upstreams import health
+from wsgate.upstreams.pools import Upstreams
 
 _log = Logger()
 
@@ -69,6 +72,9 @@ class Gateway:
         self.stats = Stats()
         self.draining = False
         self.drained_routes = set()  # routes drained from the admin API
+        # the pools' live state; a service (health checks) the GatewayService runs
+        self.upstreams = Upstreams(clock, health.checker_factory(clock))
+        self.upstreams.apply(config.pools, pool_health_tls(config))
 
     def not_ready(self):
         """Why this process should be sent no new connections, or None when it should:
@@ -106,6 +112,7 @@ class Gateway:
         self._listeners = {listener.name: listener for listener in config.listeners}
         self._ws_factories = {}
         self._chains = {}
+        self.upstreams.apply(config.pools, pool_health_tls(config))
 
     def new_conn_id(self):
         return secrets.token_hex(8)

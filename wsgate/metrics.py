@@ -164,6 +164,7 @@ class GatewayCollector:
             ["route", "result"])
         yield _counter("wsgate_upstream_errors_total", "Upstream failures", ["route", "kind"],
                        stats.upstream_errors)
+        yield from _pool_families(gateway.upstreams)
         broadcast = {route.name for route in gateway.config.routes
                      if route.target.type == "broadcast"}
         yield _counter("wsgate_broadcast_deliveries_total", "Broadcast messages delivered",
@@ -190,6 +191,37 @@ class GatewayCollector:
                               labels=list(build_info()))
         g.add_metric(list(build_info().values()), 1)
         yield g
+
+
+def _pool_families(upstreams):
+    """The ``[upstream:NAME]`` pools' servers: live connections, health, failed tries,
+    and each pool's try durations."""
+    now = upstreams.clock.seconds()
+    servers = upstreams.all_servers()
+    connections = GaugeMetricFamily(
+        "wsgate_upstream_connections", "Live proxied connections (and handshakes under way) "
+        "on each pool server", labels=["pool", "server"])
+    up = GaugeMetricFamily(
+        "wsgate_upstream_up", "1 when neither the health checks nor passive health hold the "
+        "server out and the config does not disable it", labels=["pool", "server"])
+    failures = {}
+    for server in servers:
+        connections.add_metric([server.pool, server.key], server.live)
+        up.add_metric([server.pool, server.key], 1 if server.healthy(now) else 0)
+        for reason, count in server.failures.items():
+            failures[(server.pool, server.key, reason)] = count
+    yield connections
+    yield up
+    yield _counter("wsgate_upstream_failures_total", "Failed tries and health checks on pool "
+                   "servers, by reason", ["pool", "server", "reason"], failures)
+    seconds = Histogram()
+    for pool, counters in upstreams.counters().items():
+        for (result,), counts in counters.connect_seconds.counts.items():
+            seconds.counts[(pool, result)] = counts
+            seconds.sums[(pool, result)] = counters.connect_seconds.sums[(result,)]
+    yield seconds.family("wsgate_upstream_pool_connect_seconds",
+                         "Time of each try on a pool server, to its 101 (ok) or failure "
+                         "(error)", ["pool", "result"])
 
 
 def _counter(name, documentation, labels, values):

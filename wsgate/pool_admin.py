@@ -9,7 +9,8 @@ worker runs and is ready (see :class:`_Ready`);
 ``/metrics`` labels every sample with ``worker``; ``/connections`` lists all
 workers' connections (with their ``worker``) and a kick goes to the worker
 that has the connection; ``/publish`` is done by one worker (the broker takes
-the message to every process).
+the message to every process); ``/upstreams`` sums the workers' pools (each
+worker balances on its own counts and health state).
 """
 
 import json
@@ -309,6 +310,61 @@ class _Drain(_Base):
         return self._forward(request, b"DELETE")
 
 
+def combine_upstreams(answers):
+    """The pools of every worker's ``/upstreams`` (*answers*: ``[(index, body)]``) as one:
+    connections and failures summed; ``state`` is the workers' common state or
+    ``mixed`` (``workers`` says each one's: every worker balances and checks health
+    on its own); ``last_check`` is the latest of any worker."""
+    pools = {}
+    for index, body in answers:
+        for pool in body["pools"]:
+            merged = pools.setdefault(pool["pool"], {**pool, "servers": {}})
+            for entry in pool["servers"]:
+                server = merged["servers"].get(entry["server"])
+                if server is None:
+                    server = merged["servers"][entry["server"]] = {
+                        **entry, "connections": 0, "failures": {}, "workers": {},
+                        "last_check": None}
+                server["connections"] += entry["connections"]
+                for reason, count in entry["failures"].items():
+                    server["failures"][reason] = server["failures"].get(reason, 0) + count
+                server["workers"][str(index)] = entry["state"]
+                check = entry.get("last_check")
+                if check and (server["last_check"] is None or
+                              check["at"] > server["last_check"]["at"]):
+                    server["last_check"] = check
+    result = []
+    for name in sorted(pools):
+        pool = pools[name]
+        servers = []
+        for server in pool["servers"].values():
+            states = set(server["workers"].values())
+            server["state"] = states.pop() if len(states) == 1 else "mixed"
+            servers.append(server)
+        result.append({**pool, "servers": servers})
+    return result
+
+
+class _Upstreams(_Base):
+    """``GET /upstreams``: the workers' pools, combined (:func:`combine_upstreams`)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+
+        def combine(results):
+            answers = [(index, json.loads(value[1])) for index, (ok, value) in results
+                       if ok and value[0] == 200]
+            if not answers:
+                _finish(request, 503, {"error": "no worker answered"})
+                return
+            _finish(request, 200, {"pools": combine_upstreams(answers)})
+        self.admin.call_all(b"GET", b"/upstreams", PROBE_TIMEOUT).addCallback(combine)
+        return server.NOT_DONE_YET
+
+
 class PoolAdminSite(server.Site):
     """The parent's admin site: the same paths and token as a single process's
     (:mod:`wsgate.admin`), answered by asking the workers of *pool*."""
@@ -326,6 +382,7 @@ class PoolAdminSite(server.Site):
         root.putChild(b"connections", _Connections(self.pool_view))
         root.putChild(b"publish", _Publish(self.pool_view))
         root.putChild(b"drain", _Drain(self.pool_view))
+        root.putChild(b"upstreams", _Upstreams(self.pool_view))
         super().__init__(root)
         self.displayTracebacks = False
 

@@ -134,6 +134,7 @@ class GatewayService(service.MultiService):
         self.broker = self._broker(config.core.broker)
         self._attach_shared_limiters(config)
         self.gateway = Gateway(config, build_router(config), self.broker, reactor)
+        self.gateway.upstreams.setServiceParent(self)  # the pools' health checks
         if worker_index is not None:
             self.gateway.node_suffix = f"-w{worker_index}"
         if config.core.fast_paths:

@@ -8,6 +8,8 @@
 //   /flood          sends ?mib= MiB in 64 KiB binary messages, pacing on ws's buffer
 //   /reject         answers the upgrade with 403
 //   /drop           destroys the TCP connection after the first message (no close frame)
+//   /whoami...      sends 'port:<its port>' when it opens, then echoes (pool tests)
+// UPGRADE_STATUS=503 (env) answers every upgrade with that HTTP status instead.
 // Prints one JSON line per event on stdout: {"listening": port}, {"event": "close", ...}.
 // TLS when WSGATE_TLS_CERT and WSGATE_TLS_KEY are set.
 'use strict';
@@ -37,6 +39,11 @@ const wss = new WebSocketServer({
 server.on('upgrade', (req, socket, head) => {
   socket.on('error', (err) => emit({ event: 'socket-error', message: String(err) }));
   const url = new URL(req.url, 'http://upstream');
+  if (process.env.UPGRADE_STATUS) {
+    emit({ event: 'refused', url: req.url, status: Number(process.env.UPGRADE_STATUS) });
+    socket.end(`HTTP/1.1 ${process.env.UPGRADE_STATUS} Refused\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`);
+    return;
+  }
   if (url.pathname.endsWith('/reject')) {
     socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\nConnection: close\r\n\r\nforbidden\n');
     return;
@@ -51,6 +58,8 @@ function serve(ws, req, url) {
   ws.on('error', (err) => emit({ event: 'error', path, message: String(err) }));
   if (path === '/headers') {
     ws.send(JSON.stringify({ url: req.url, headers: req.headers }));
+  } else if (url.pathname.includes('/whoami')) {
+    ws.send('port:' + server.address().port);
   } else if (path === '/flood') {
     const total = Number(url.searchParams.get('mib') || '1') * 1024 * 1024;
     const chunk = Buffer.alloc(64 * 1024, 0x61);

@@ -72,7 +72,32 @@ def render(config):
         table(["ROUTE", "HOST", "PATH", "LISTENERS", "TARGET", "POLICIES", "OVERRIDES"],
               [_route_row(route) for route in routes]),
     ]
+    if config.pools:
+        parts += ["\nupstream pools:\n", _pools(config.pools)]
     return "".join(parts)
+
+
+def _pools(pools):
+    """Each ``[upstream:NAME]``: its settings on one line, then a table of its servers."""
+    text = []
+    for name, pool in sorted(pools.items()):
+        balance = pool.balance + (f" on {pool.hash_key.text}" if pool.hash_key else "")
+        health = "off" if not pool.health_check else (
+            f"every {units.format_duration(pool.health_check)} on {pool.health_path}, "
+            f"rise {pool.rise}, fall {pool.fall}")
+        passive = "off" if not pool.max_fails else (
+            f"{pool.max_fails} fails in {units.format_duration(pool.fail_timeout)}")
+        text.append(
+            f"[upstream:{name}] balance={balance}, tries={pool.tries}, connect_timeout="
+            f"{units.format_duration(pool.connect_timeout)}, passive health={passive}, "
+            f"slow_start={_off_or_duration(pool.slow_start)}, health checks={health}\n")
+        rows = [[server.key, server.url.url, server.weight,
+                 ",".join(flag for flag in ("backup", "down", "drain")
+                          if getattr(server, flag)) or "-"]
+                for server in pool.servers]
+        text.append(table(["  SERVER", "URL", "WEIGHT", "FLAGS"],
+                          [["  " + str(row[0])] + row[1:] for row in rows]))
+    return "".join(text)
 
 
 def table(headers, rows):

@@ -23,8 +23,9 @@ def build(parsed, reactor):
     policies = _policies(parsed, reactor)
     routes = tuple(_route(parsed, route, policies) for route in parsed.routes)
     _check_workers(parsed, routes)
+    _check_pool_tls(parsed, routes)
     return Config(parsed.path, parsed.core, listeners, routes, policies, parsed.brokers,
-                  parsed.admin)
+                  parsed.admin, parsed.pools)
 
 
 def _listener(path, listener):
@@ -86,7 +87,8 @@ def _route(parsed, route, policies):
     section = route.section
     try:
         target, keys = targets.build(route.name, section.items,
-                                     targets.TargetContext(route.path, parsed.base))
+                                     targets.TargetContext(route.path, parsed.base,
+                                                           parsed.pools))
     except SettingError as e:
         raise section.error(e.key, e.message) from None
     except ConfigError:
@@ -103,6 +105,34 @@ def _route(parsed, route, policies):
         listeners=route.listeners, policies=tuple(policies[name] for name in route.policies),
         max_message_size=route.max_message_size, idle_timeout=route.idle_timeout,
         allow_cross_origin=route.allow_cross_origin)
+
+
+def _check_pool_tls(parsed, routes):
+    """Routes that share a pool verify its wss:// servers alike: the pool's health checks
+    use their settings."""
+    seen = {}
+    for route in routes:
+        pool = getattr(route.target, "pool", None)
+        if pool is None:
+            continue
+        tls = (route.target.verify, route.target.ca)
+        first = seen.setdefault(pool, (route.name, tls))
+        if first[1] != tls:
+            section = next(r.section for r in parsed.routes if r.name == route.name)
+            raise section.error("upstream_verify", f"routes sharing [upstream:{pool}] must "
+                                f"set upstream_verify and upstream_ca alike (see "
+                                f"[route:{first[0]}])")
+
+
+def pool_health_tls(config):
+    """``{pool: {server key: client TLS options}}`` for the health checks of wss:// pools,
+    from the first route that names each pool (they all agree)."""
+    result = {}
+    for route in config.routes:
+        pool = getattr(route.target, "pool", None)
+        if pool is not None and pool not in result:
+            result[pool] = dict(route.target.tls_by_server or {})
+    return result
 
 
 def _check_workers(parsed, routes):

@@ -121,3 +121,4 @@ class Config:
     policies: dict = field(default_factory=dict)  # name → IPolicy
     brokers: dict = field(default_factory=dict)  # name → BrokerSettings
     admin: AdminSettings = None  # None: no admin endpoint
+    pools: dict = field(default_factory=dict)  # name → wsgate.upstreams.config.PoolSettings

@@ -27,6 +27,7 @@ from wsgate.config.model import (
 from wsgate.forwarding import parse_networks
 from wsgate.settings import REQUIRED, SettingError, Settings
 from wsgate.routing import HostPattern, PathPattern
+from wsgate.upstreams.config import parse_pool
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Parsed:
     listeners: tuple
     routes: tuple  # RouteSection
     policies: tuple  # _Section of each [policy:NAME]
+    pools: dict = None  # name → wsgate.upstreams.config.PoolSettings ([upstream:NAME])
 
 
 # --------------------------------------------------------------------------- loading
@@ -128,7 +130,7 @@ def parse(path):
 def _parse(path, parser):
     base = os.path.dirname(os.path.abspath(path))
     core = admin = None
-    listeners, routes, policy_sections, brokers = [], [], [], {}
+    listeners, routes, policy_sections, brokers, pools = [], [], [], {}, {}
     for name in parser.sections():
         section = _Section(path, name, parser.items(name))
         kind, _, label = name.partition(":")
@@ -140,6 +142,8 @@ def _parse(path, parser):
             listeners.append(_listener(section, label, base))
         elif kind == "broker" and label:
             brokers[label] = _broker(section, label, base)
+        elif kind == "upstream" and label:
+            pools[label] = parse_pool(label, section)
         elif kind in ("route", "policy") and label:
             # built below: they refer to listeners, brokers and policies
             (routes if kind == "route" else policy_sections).append(section)
@@ -147,7 +151,7 @@ def _parse(path, parser):
         else:
             raise ConfigError(
                 path, name, None, "unknown section (expected [wsgate], [listen:NAME], "
-                "[route:NAME], [policy:NAME], [broker:NAME] or [admin])")
+                "[route:NAME], [policy:NAME], [broker:NAME], [upstream:NAME] or [admin])")
         section.finish()
     if core is None:
         core = CoreSettings(node_id=socket.gethostname())
@@ -164,7 +168,7 @@ def _parse(path, parser):
     _check_duplicate_routes(route_sections, listener_names)
     _check_listeners_for_workers(path, core, listeners)
     return Parsed(path, base, core, admin, brokers, tuple(listeners), route_sections,
-                  tuple(policy_sections))
+                  tuple(policy_sections), pools)
 
 
 def _admin(section, base):

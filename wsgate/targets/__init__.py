@@ -35,6 +35,7 @@ class TargetContext:
 
     path: Any  # the route's wsgate.routing.PathPattern (placeholders a template may use)
     config_dir: str  # relative file names are relative to the config file's folder
+    pools: Any = None  # name → wsgate.upstreams.config.PoolSettings ([upstream:NAME])
 
 
 @dataclass

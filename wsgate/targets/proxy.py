@@ -13,23 +13,21 @@ both connections to :class:`wsgate.targets.relay.Relay`.
 
 import base64
 import hashlib
-import re
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate import fastpath, http, units
-from wsgate.forwarding import HOP_BY_HOP, forwarded_headers, query_without
+from wsgate.forwarding import HOP_BY_HOP, forwarded_headers
 from wsgate.interfaces import ITarget
 from wsgate.settings import SettingError
 from wsgate.targets import TargetType
 from wsgate.targets.relay import Relay
-from wsgate.units import fill_template, placeholders
+from wsgate.upstreams.config import UpstreamURL, check_placeholders, parse_url
 
 _log = Logger()
 
@@ -43,21 +41,42 @@ def accept_value(key):
 # --------------------------------------------------------------------- handshake
 
 
-class UpstreamUnavailable(Exception):
-    """The upstream could not be reached in time (→ 503)."""
+class TryFailed(Exception):
+    """One try of the upstream handshake failed.
+
+    *reason* labels ``wsgate_upstream_failures_total``: ``refused`` (the
+    connection failed), ``timeout``, ``closed`` (the server hung up without
+    answering), ``tls`` (the TLS handshake or the certificate failed),
+    ``http_5xx``, ``http_4xx`` (any other HTTP answer than 101 and 5xx too) or
+    ``bad_handshake`` (a 101 that breaks the protocol). *status* is the HTTP
+    status when the server answered with one.
+    """
+
+    def __init__(self, reason, message, status=None):
+        super().__init__(message)
+        self.reason, self.message, self.status = reason, message, status
+
+    @property
+    def retried(self):
+        """Whether the next server is tried: not after an answer the client's request
+        caused (4xx) or a broken 101."""
+        return self.reason not in ("http_4xx", "bad_handshake")
+
+    @property
+    def rejected(self):
+        """The server answered with an HTTP error or a broken 101, or its TLS failed: when
+        no server accepts, the client gets 502 rather than 503."""
+        return self.reason in ("http_5xx", "http_4xx", "bad_handshake", "tls")
 
 
-class UpstreamRejected(Exception):
-    """The upstream answered, but not with a usable 101 (→ 502)."""
-
-
-def upstream_request(request):
-    """The bytes of the upgrade request the upstream gets for *request* (an Accepted),
-    without the client headers and query parameters the policies strip."""
+def upstream_request(request, url):
+    """The bytes of the upgrade request the server of *url* (an UpstreamURL) gets for
+    *request* (an Accepted), without the client headers and query parameters the
+    policies strip."""
     target, match, head, listener = request.route.target, request.match, request.head, \
         request.listener
-    path = target.request_target(match, head, request.strip_query)
-    headers = [("Host", target.host_header), ("Upgrade", "websocket"),
+    path = url.request_target(match, head, request.strip_query)
+    headers = [("Host", url.host_header), ("Upgrade", "websocket"),
                ("Connection", "Upgrade"),
                ("Sec-WebSocket-Key", head.get("sec-websocket-key").strip()),
                ("Sec-WebSocket-Version", "13")]
@@ -94,7 +113,7 @@ class UpstreamLeg(Protocol):
         end = http.find_head_end(self._buffer)
         if end < 0:
             if len(self._buffer) > http.MAX_HEAD_BYTES:
-                self._fail(UpstreamRejected("response head too large"))
+                self._fail(TryFailed("bad_handshake", "response head too large"))
             return
         head, extra = self._buffer[:end], self._buffer[end:]
         self._buffer = b""
@@ -103,7 +122,7 @@ class UpstreamLeg(Protocol):
         try:
             status = int(parts[1])
         except (IndexError, ValueError):
-            self._fail(UpstreamRejected("malformed response"))
+            self._fail(TryFailed("bad_handshake", "malformed response"))
             return
         headers = []
         for line in lines[1:]:
@@ -123,121 +142,232 @@ class UpstreamLeg(Protocol):
         if self.relay is not None:
             self.relay.upstream_lost()
         elif not self.ready.called:
-            self.ready.errback(UpstreamRejected(_lost_reason(reason)))
+            self.ready.errback(_lost(reason))
 
 
-def _lost_reason(reason):
+def _lost(reason):
     value = reason.value
     module = type(value).__module__
     if module.startswith(("OpenSSL", "service_identity")):
-        return f"TLS verification failed: {value}"
+        return TryFailed("tls", f"TLS verification failed: {value}")
     if isinstance(value, error.ConnectionDone):
-        return "closed the connection without answering"
-    return f"connection lost before answering: {value}"
+        return TryFailed("closed", "closed the connection without answering")
+    return TryFailed("closed", f"connection lost before answering: {value}")
 
 
-def open_upstream(request):
-    """Connect and upgrade to the route's upstream before the client gets its 101.
+def try_server(request, url, tls_options, timeout):
+    """One try: connect to the server of *url* and send it the upgrade.
 
-    *request* is the :class:`wsgate.targets.Accepted` request. Returns a
-    cancellable Deferred firing with ``(leg, response headers, extra bytes)``
-    or failing with :class:`wsgate.http.HttpRefusal` (503 or 502); the time
-    it took goes to ``wsgate_upstream_connect_seconds`` unless the client left
-    first. Cancelling (the client left) closes whatever was opened.
+    Returns a cancellable Deferred firing with ``(leg, response headers, extra
+    bytes)`` once the server answered with a valid 101, or failing with
+    :class:`TryFailed` (no answer within *timeout* seconds included).
+    Cancelling closes whatever was opened.
     """
-    gateway, match, head = request.gateway, request.match, request.head
-    target = match.route.target
-    clock = gateway.clock
-    started = clock.seconds()
-    endpoint = HostnameEndpoint(gateway.reactor, target.host, target.port,
-                                timeout=max(1, int(target.timeout + 0.999)))
-    if target.tls_options is not None:
-        endpoint = wrapClientTLS(target.tls_options, endpoint)
+    reactor, head = request.gateway.reactor, request.head
+    endpoint = HostnameEndpoint(reactor, url.host, url.port,
+                                timeout=max(1, int(timeout + 0.999)))
+    if tls_options is not None:
+        endpoint = wrapClientTLS(tls_options, endpoint)
     state = {}
 
-    def give_up(reason):
+    def give_up(failure):
         leg = state["leg"]
         if leg.transport is not None:
             leg.transport.abortConnection()
         if not state["connecting"].called:
             state["connecting"].cancel()
         if not ready.called:
-            ready.errback(UpstreamUnavailable(reason))
+            ready.errback(failure)
 
-    def client_left(d):
-        state["client_left"] = True
-        give_up("the client left")
-
-    ready = defer.Deferred(client_left)
-    leg = state["leg"] = UpstreamLeg(upstream_request(request), ready)
+    ready = defer.Deferred(lambda d: give_up(defer.CancelledError()))
+    leg = state["leg"] = UpstreamLeg(upstream_request(request, url), ready)
     factory = Factory.forProtocol(lambda: leg)
     factory.noisy = False
     connecting = state["connecting"] = endpoint.connect(factory)
 
     def connect_failed(failure):
         if not ready.called:
-            ready.errback(UpstreamUnavailable(failure.getErrorMessage()))
+            if failure.check(error.TimeoutError):
+                ready.errback(TryFailed("timeout", f"no connection within {timeout:g}s"))
+            else:
+                ready.errback(_lost(failure) if _is_tls(failure) else
+                              TryFailed("refused", failure.getErrorMessage()))
     connecting.addErrback(connect_failed)
-    timer = clock.callLater(target.timeout, give_up, "timed out")
+    timer = request.gateway.clock.callLater(
+        timeout, give_up, TryFailed("timeout", f"no answer within {timeout:g}s"))
 
     def cancel_timer(result):
         if timer.active():
             timer.cancel()
         return result
     ready.addBoth(cancel_timer)
-    ready.addCallback(_check_response, head, target)
-    ready.addErrback(_as_refusal, target, match.route.name)
-
-    def record_time(result):
-        if not state.get("client_left"):
-            failed = isinstance(result, Failure)
-            gateway.stats.upstream_connected(match.route.name, not failed,
-                                             clock.seconds() - started)
-            if failed and result.check(http.HttpRefusal):  # unreachable or rejected
-                gateway.stats.upstream_error(match.route.name,
-                                             result.value.reason.replace("upstream_", ""))
-        return result
-    ready.addBoth(record_time)
+    ready.addCallback(_check_response, head)
     return ready
 
 
-def _check_response(result, head, target):
+def _is_tls(failure):
+    return type(failure.value).__module__.startswith(("OpenSSL", "service_identity"))
+
+
+class _Choice:
+    """What one try goes to: a URL, its TLS options, and (in a pool) the server's state
+    and the lease that counts the connection on it."""
+
+    __slots__ = ("url", "tls_options", "server", "lease", "registry")
+
+    def __init__(self, url, tls_options, server=None, lease=None, registry=None):
+        self.url, self.tls_options, self.server, self.lease = url, tls_options, server, lease
+        self.registry = registry  # the gateway's Upstreams (pools only)
+
+    @property
+    def label(self):
+        return self.url.url
+
+    def release(self):
+        if self.lease is not None:
+            self.lease.release()
+
+
+class Handshake:
+    """The upstream side of one proxied handshake: its tries, failover and answer.
+
+    The target's :meth:`choose` picks each try's server; every try has the
+    target's ``try_timeout`` (a pool's ``connect_timeout``), all of them
+    together the route's ``upstream_timeout``. A try that failed with
+    :attr:`TryFailed.retried` goes on to the next server, at most ``tries``.
+    When none accepted: 502 if any answered with an HTTP error, else 503
+    with Retry-After. :attr:`result` fires with ``(choice, leg, headers,
+    extra)``; cancelling it (the client left) cancels the try under way.
+    """
+
+    def __init__(self, request, target):
+        self.request = request
+        self.target = target
+        self.clock = request.gateway.clock
+        self.started = self.clock.seconds()
+        self.deadline = self.started + target.timeout
+        self.tried = set()
+        self.failures = []  # (label, TryFailed)
+        self.result = defer.Deferred(self._cancelled)
+        self._try = None
+        self._choice = None
+        self._client_left = False
+
+    def run(self):
+        self._next()
+        return self.result
+
+    def _next(self):
+        remaining = self.deadline - self.clock.seconds()
+        if len(self.tried) >= self.target.tries or remaining <= 0:
+            self._give_up()
+            return
+        choice = self.target.choose(self.request, self.tried)
+        if choice is None:
+            self._give_up()
+            return
+        self.tried.add(choice.url.key)
+        self._choice = choice
+        self._try_started = self.clock.seconds()
+        d = self._try = try_server(self.request, choice.url, choice.tls_options,
+                                   min(self.target.try_timeout, remaining))
+        d.addCallbacks(self._accepted, self._failed, callbackArgs=(choice,),
+                       errbackArgs=(choice,))
+
+    def _accepted(self, result, choice):
+        self._try = None
+        self.target.tried(choice, None, self.clock.seconds() - self._try_started)
+        leg, headers, extra = result
+        self._record(True)
+        self.result.callback((choice, leg, headers, extra))
+
+    def _failed(self, failure, choice):
+        self._try = None
+        choice.release()
+        if self._client_left or failure.check(defer.CancelledError):
+            return None
+        if not failure.check(TryFailed):
+            self.result.errback(failure)  # a bug: the gateway answers 500 and logs it
+            return None
+        failed = failure.value
+        self.failures.append((choice.label, failed))
+        self.target.tried(choice, failed, self.clock.seconds() - self._try_started)
+        if failed.retried:
+            if len(self.tried) < self.target.tries:
+                _log.info("wsgate: upstream {url} failed for route {route} ({why}); trying "
+                          "the next server", url=choice.label, route=self.request.route.name,
+                          why=failed.message)
+            self._next()
+        else:
+            self._give_up()
+        return None
+
+    def _give_up(self):
+        route = self.request.route.name
+        if any(failed.rejected for _, failed in self.failures):
+            kind, refusal = "rejected", http.HttpRefusal(502, "upstream_rejected",
+                                                         "Bad Gateway", route=route)
+        else:
+            kind, refusal = "unreachable", http.HttpRefusal(
+                503, "upstream_unreachable", "Upstream unavailable", http.retry_after(),
+                route=route)
+        if self.failures:
+            tries = "; ".join(f"{label}: {failed.message}" for label, failed in self.failures)
+        else:
+            tries = "no server is up"
+        _log.warn("wsgate: upstream " + ("rejected the upgrade" if kind == "rejected" else
+                                         "unreachable") + " for route {route}: {tries}",
+                  route=route, tries=tries)
+        self._record(False, kind)
+        self.result.errback(refusal)
+
+    def _record(self, ok, kind=None):
+        stats = self.request.gateway.stats
+        route = self.request.route.name
+        stats.upstream_connected(route, ok, self.clock.seconds() - self.started)
+        if kind is not None:
+            stats.upstream_error(route, kind)
+
+    def _cancelled(self, d):
+        self._client_left = True
+        if self._try is not None:
+            self._try.cancel()
+
+
+def open_upstream(request):
+    """Connect and upgrade to the route's upstream before the client gets its 101.
+
+    *request* is the :class:`wsgate.targets.Accepted` request. Returns a
+    cancellable Deferred firing with ``(choice, leg, response headers, extra
+    bytes)`` or failing with :class:`wsgate.http.HttpRefusal` (503 or 502);
+    see :class:`Handshake`. The time it took goes to
+    ``wsgate_upstream_connect_seconds`` unless the client left first.
+    """
+    return Handshake(request, request.route.target).run()
+
+
+def _check_response(result, head):
     leg, status, headers, extra = result
     if status != 101:
         leg.transport.abortConnection()
-        raise UpstreamRejected(f"answered {status} instead of 101")
+        reason = "http_5xx" if 500 <= status < 600 else \
+            "http_4xx" if 400 <= status < 500 else "bad_handshake"
+        raise TryFailed(reason, f"answered {status} instead of 101", status)
     by_name = {}
     for name, value in headers:
         by_name.setdefault(name.lower(), []).append(value)
     accept = by_name.get("sec-websocket-accept", [""])[0]
     if accept != accept_value(head.get("sec-websocket-key")):
         leg.transport.abortConnection()
-        raise UpstreamRejected("answered with a wrong Sec-WebSocket-Accept")
+        raise TryFailed("bad_handshake", "answered with a wrong Sec-WebSocket-Accept")
     offered = {p.strip() for value in head.get_all("sec-websocket-protocol")
                for p in value.split(",") if p.strip()}
     chosen = by_name.get("sec-websocket-protocol", [None])[0]
     if chosen is not None and chosen not in offered:
         leg.transport.abortConnection()
-        raise UpstreamRejected(f"chose subprotocol {chosen!r} the client did not offer")
+        raise TryFailed("bad_handshake", f"chose subprotocol {chosen!r} the client did not "
+                        "offer")
     return leg, headers, extra
-
-
-def _as_refusal(failure, target, route_name):
-    if failure.check(http.HttpRefusal):
-        return failure
-    if failure.check(UpstreamUnavailable, defer.CancelledError):
-        _log.warn("wsgate: upstream {url} unreachable for route {route}: {why}",
-                  url=target.display_url, route=route_name, why=failure.getErrorMessage())
-        refusal = http.HttpRefusal(503, "upstream_unreachable", "Upstream unavailable",
-                                   http.retry_after(),
-                                   route=route_name)
-    elif failure.check(UpstreamRejected):
-        _log.warn("wsgate: upstream {url} rejected the upgrade for route {route}: {why}",
-                  url=target.display_url, route=route_name, why=failure.getErrorMessage())
-        refusal = http.HttpRefusal(502, "upstream_rejected", "Bad Gateway", route=route_name)
-    else:
-        return failure
-    raise refusal
 
 
 def _extension_params(extension):
@@ -288,13 +418,12 @@ def client_response(headers):
 @implementer(ITarget)
 @dataclass(frozen=True)
 class UpstreamTarget:
-    """Proxy to an upstream WebSocket whose URL is a template (``{path}``, ``{tail}``, ...)."""
+    """Proxy to one upstream WebSocket whose URL is a template (``{path}``, ``{tail}``, ...).
 
-    url: str  # as written in the config
-    scheme: str
-    host: str
-    port: int
-    path_template: str
+    One try, with the whole ``upstream_timeout``; no pool state.
+    """
+
+    upstream: UpstreamURL
     timeout: float = 5.0
     forward_headers: tuple = ()
     verify: bool = True
@@ -303,31 +432,29 @@ class UpstreamTarget:
     type = "upstream"
     websocket = True
     needs_shared_broker = False
+    tries = 1
+    pool = None
+
+    @property
+    def url(self):
+        return self.upstream.url
 
     @property
     def display_url(self):
-        return self.url
+        return self.upstream.url
 
     @property
-    def host_header(self):
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "wss" else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-    def request_target(self, match, head, strip_query=()):
-        """The upstream request path: the template filled in, the client's query appended
-        without the parameters named in *strip_query*."""
-        values = dict(match.params, path=head.path, tail=match.tail)
-        target = fill_template(self.path_template, values) or "/"
-        if not target.startswith("/"):
-            target = "/" + target
-        query = query_without(head.query, strip_query) if head.query else ""
-        if query:
-            target += ("&" if "?" in target else "?") + query
-        return target
+    def try_timeout(self):
+        return self.timeout
 
     def describe(self):
         return f"upstream {self.url}"
+
+    def choose(self, request, tried):
+        return None if tried else _Choice(self.upstream, self.tls_options)
+
+    def tried(self, choice, failed, seconds):
+        """A try ended (*failed*: its TryFailed, None for a 101)."""
 
     def accept(self, request):
         """The upstream answers first; the client's connection is then handed to a
@@ -337,55 +464,138 @@ class UpstreamTarget:
         return d
 
 
-_UPSTREAM_AUTHORITY = re.compile(r"^(ws|wss)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?")
+@implementer(ITarget)
+@dataclass(frozen=True)
+class PoolTarget:
+    """Proxy to the servers of ``[upstream:NAME]`` (``upstream = @NAME``).
+
+    The pool's live state is the gateway's (``gateway.upstreams``): this
+    object holds what the route adds, the TLS options of each wss:// server
+    (the route's ``upstream_verify``/``upstream_ca``) and the budget.
+    """
+
+    pool: str
+    settings: object  # the PoolSettings the route was built with (for `wsgate check`)
+    timeout: float = 5.0
+    forward_headers: tuple = ()
+    verify: bool = True
+    ca: str = None
+    tls_by_server: dict = field(default=None, compare=False, repr=False)
+    type = "upstream"
+    websocket = True
+    needs_shared_broker = False
+
+    @property
+    def url(self):
+        return "@" + self.pool
+
+    @property
+    def display_url(self):
+        return "@" + self.pool
+
+    @property
+    def tries(self):
+        return self.settings.tries
+
+    @property
+    def try_timeout(self):
+        return self.settings.connect_timeout
+
+    def describe(self):
+        return f"upstream @{self.pool} ({len(self.settings.servers)} servers, " \
+               f"{self.settings.balance})"
+
+    def choose(self, request, tried):
+        upstreams = request.gateway.upstreams
+        pool = upstreams.pools.get(self.pool)
+        if pool is None:
+            return None
+        server = pool.choose(request, tried, upstreams.clock.seconds())
+        if server is None:
+            return None
+        return _Choice(server.spec.url, (self.tls_by_server or {}).get(server.key), server,
+                       pool.lease(server, request.connection), upstreams)
+
+    def tried(self, choice, failed, seconds):
+        """Tell the pool how the try went: passive health, failure counts, timings."""
+        registry = choice.registry
+        registry.observe_try(self.pool, failed is None, seconds)
+        if failed is None:
+            registry.succeeded(choice.server)
+        else:
+            registry.failed(choice.server, failed.reason)
+
+    def accept(self, request):
+        d = open_upstream(request)
+        d.addCallback(lambda result: ProxyHandover(request, *result))
+        return d
 
 
 def build(route, settings, context):
     path = context.path
-    url = settings.get("upstream", units.non_empty)
-    match = _UPSTREAM_AUTHORITY.match(url)
-    if not match or (len(url) > match.end() and url[match.end()] not in "/{?"):
-        raise SettingError("upstream", f"expected ws://host:port/path or wss://..., got {url!r}")
-    scheme, host, port = match.group(1), match.group(2).strip("[]"), match.group(3)
-    port = int(port) if port else (443 if scheme == "wss" else 80)
-    if not 0 < port < 65536:
-        raise SettingError("upstream", f"port {port} is out of range")
-    path_template = url[match.end():]
-    allowed = set(path.placeholders) | {"path", "tail"}
-    for placeholder in placeholders(path_template):
-        if placeholder not in allowed:
-            raise SettingError(
-                "upstream", f"{{{placeholder}}} is not {{path}}, {{tail}} or a placeholder "
-                f"of path {path.text!r}")
-    if "?" in path_template.split("{", 1)[0] and "{" in path_template.split("?", 1)[1]:
-        raise SettingError("upstream", "placeholders belong in the path, not the query")
+    text = settings.get("upstream", units.non_empty)
     timeout = settings.get("upstream_timeout", units.positive_duration, 5.0)
     verify = settings.get("upstream_verify", units.parse_bool, True)
     ca = settings.get("upstream_ca", units.non_empty, None)
     forward = settings.get("forward_headers", units.parse_list, ())
+    if text.startswith("@"):
+        return _pool_target(text[1:], path, timeout, forward, verify, ca, context)
+    try:
+        url = parse_url(text)
+        check_placeholders(url, path)
+    except ValueError as e:
+        raise SettingError("upstream", str(e)) from None
+    _check_tls_keys(url.scheme, verify, ca)
+    return UpstreamTarget(url, timeout=timeout, forward_headers=forward, verify=verify, ca=ca,
+                          tls_options=_tls_options(url, verify, ca))
+
+
+def _pool_target(name, path, timeout, forward, verify, ca, context):
+    pools = context.pools or {}
+    pool = pools.get(name)
+    if pool is None:
+        known = ", ".join(sorted(pools)) or "none"
+        raise SettingError("upstream", f"no [upstream:{name}] section (known: {known})")
+    for server in pool.servers:
+        try:
+            check_placeholders(server.url, path)
+        except ValueError as e:
+            raise SettingError("upstream", f"[upstream:{name}] servers: {e}") from None
+    key = pool.hash_key
+    if key is not None and key.kind == "placeholder" and key.name not in path.placeholders:
+        raise SettingError("upstream", f"[upstream:{name}] hash_key {key.text} is not a "
+                           f"placeholder of path {path.text!r}")
+    _check_tls_keys(pool.scheme, verify, ca)
+    tls = {server.key: _tls_options(server.url, verify, ca) for server in pool.servers}
+    return PoolTarget(name, pool, timeout=timeout, forward_headers=forward, verify=verify,
+                      ca=ca, tls_by_server=tls)
+
+
+def _check_tls_keys(scheme, verify, ca):
     if scheme == "ws" and (ca or not verify):
         key = "upstream_ca" if ca else "upstream_verify"
         raise SettingError(key, "only applies to wss:// upstreams")
-    tls_options = None
-    if scheme == "wss":
-        from wsgate import tls
 
-        try:
-            tls_options = tls.upstream_tls_options(host, ca, verify)
-        except tls.TLSConfigError as e:
-            raise SettingError(e.key, e.message) from None
-    return UpstreamTarget(
-        url=url, scheme=scheme, host=host, port=port, path_template=path_template,
-        timeout=timeout, forward_headers=forward, verify=verify, ca=ca,
-        tls_options=tls_options)
+
+def _tls_options(url, verify, ca):
+    if url.scheme != "wss":
+        return None
+    from wsgate import tls
+
+    try:
+        return tls.upstream_tls_options(url.host, ca, verify)
+    except tls.TLSConfigError as e:
+        raise SettingError(e.key, e.message) from None
+
 
 class ProxyHandover(Protocol):
     """The client's connection once the upstream said 101: answer the client with the
     upstream's 101 and relay. The first bytes it gets start with the request head,
     which it skips (the upstream had it already)."""
 
-    def __init__(self, request, leg, headers, upstream_extra):
+    def __init__(self, request, choice, leg, headers, upstream_extra):
         self.request = request
+        self.choice = choice  # its lease counts this connection on a pool's server
         self.leg = leg
         self.headers = headers
         self.upstream_extra = upstream_extra
@@ -400,7 +610,8 @@ class ProxyHandover(Protocol):
         self.transport.write(client_response(self.headers))
         self.relay = Relay(request.gateway, request.listener, request.route,
                            request.connection, self.transport, leg,
-                           compressed=deflate_negotiated(self.headers))
+                           compressed=deflate_negotiated(self.headers),
+                           on_finish=self.choice.release)
         self.relay.start(b"", self.upstream_extra)
 
     def dataReceived(self, data):
@@ -413,6 +624,7 @@ class ProxyHandover(Protocol):
 
     def connectionLost(self, reason):
         if self.relay is None:  # the client left before the hand-over
+            self.choice.release()
             self.leg.transport.abortConnection()
         else:
             self.relay.client_lost()

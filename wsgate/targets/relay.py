@@ -202,8 +202,9 @@ class Relay:
     """
 
     def __init__(self, gateway, listener, route, connection, client_transport, upstream_leg,
-                 compressed=False):
+                 compressed=False, on_finish=None):
         self.gateway = gateway
+        self.on_finish = on_finish  # called once, when both legs are gone
         self.clock = gateway.clock
         self.connection = connection
         self.route = route
@@ -469,6 +470,8 @@ class Relay:
             return
         self._finished = True
         self.idle.cancel()
+        if self.on_finish is not None:
+            self.on_finish()
         code, reason, reply = self.client.close_frames()
         self.gateway.unregister(self.connection, code, reason, self._closed_by or GATEWAY,
                                 reply)
