@@ -276,7 +276,9 @@ def test_a_pool_loads_with_its_defaults(tmp_path):
     ("servers = ws://h:1/x\nrise = 3", "rise", "applies with health_check"),
     ("servers = ws://h:1/x\ntries = 0", "tries", ""),
     ("servers = ws://h:1/x\nhealth_check = 10ms", "health_check", "at least 100ms"),
-    ("servers = ws://h:1/x\nresolve = 10s", "resolve", "unknown key"),
+    ("servers = ws://h:1/x\nweight = 2", "weight", "unknown key"),
+    ("servers = ws://h:1/x\nrebalance_rate = 0/s", "rebalance_rate", "expected a rate"),
+    ("servers = ws://h:1/x\nresolve = 10ms", "resolve", "at least 100ms"),
 ])
 def test_bad_pools_name_the_section_and_key(tmp_path, extra, key, message):
     with pytest.raises(ConfigError) as info:
@@ -298,3 +300,200 @@ def test_a_route_checks_the_pool_against_its_path(tmp_path, pool, route, message
         _load(tmp_path, f"[upstream:app]\n{pool}\n\n[route:app]\n{route}\nupstream = @app\n")
     assert info.value.section == "route:app"
     assert message in info.value.message
+
+
+# ------------------------------------------------------------------ moving connections
+
+
+class _Relay:
+    """Stands for a proxied connection's relay: records the close it was asked for."""
+
+    def __init__(self, closes):
+        self.closes = closes
+
+    def close_with(self, code, reason, upstream_code=None, upstream_reason=None):
+        self.closes.append((code, reason, upstream_code, upstream_reason))
+
+
+def _connect(pool, clock, closes, count, request=None, server=None):
+    """*count* relayed connections placed by the pool (or on *server*)."""
+    leases = []
+    for _ in range(count):
+        chosen = server or pool.choose(request or _request(), set(), clock.seconds())
+        connection = SimpleNamespace(since=clock.seconds(), protocol=_Relay(closes))
+        leases.append(pool.lease(chosen, connection,
+                                 None if request is None else request.match.params.get("room")))
+    return leases
+
+
+def _started(settings, clock):
+    upstreams = Upstreams(clock)
+    upstreams.apply({"app": settings})
+    upstreams.startService()
+    return upstreams, upstreams.pool("app")
+
+
+def test_a_drain_closes_a_servers_connections_evenly_over_drain_time_with_1012():
+    clock = Clock()
+    upstreams, pool = _started(_settings(drain_time=5.0), clock)
+    closes = []
+    leases = _connect(pool, clock, closes, 300)
+    victim = pool.server("h:2")
+    mine = [lease for lease in leases if lease.server is victim]
+    assert upstreams.drain("app", "h:2", True) is victim
+    assert victim.state(clock.seconds()) == "drain"
+    assert all(pool.choose(_request(), set(), 0).key != "h:2" for _ in range(20))
+    per_step = []
+    for _ in range(12):
+        before = len(closes)
+        clock.advance(0.5)
+        per_step.append(len(closes) - before)
+    assert len(closes) == len(mine) == 100
+    assert set(closes) == {(1012, "service restart", 1001, "going away")}
+    assert max(per_step) <= 15  # spread over ten steps, not all at once
+    assert sum(1 for n in per_step if n) >= 8
+    assert victim.moved == {"drain": 100}
+    assert all(lease.moving for lease in mine)
+    assert not any(lease.moving for lease in leases if lease.server is not victim)
+    for lease in mine:
+        lease.release()
+    clock.advance(1)
+    assert victim.drain.done
+    upstreams.stopService()
+
+
+def test_deleting_a_drain_stops_it_and_the_server_takes_connections_again():
+    clock = Clock()
+    upstreams, pool = _started(_settings(drain_time=10.0), clock)
+    closes = []
+    _connect(pool, clock, closes, 90)
+    upstreams.drain("app", "h:1", True)
+    clock.advance(3)
+    closed = len(closes)
+    assert 0 < closed < 30
+    upstreams.drain("app", "h:1", False)
+    clock.advance(10)
+    assert len(closes) == closed
+    assert pool.server("h:1").state(clock.seconds()) == "up"
+    assert upstreams.drain("app", "h:9", True) is None
+    upstreams.stopService()
+
+
+def test_a_server_removed_by_a_reload_is_drained():
+    clock = Clock()
+    upstreams, pool = _started(_settings(drain_time=2.0), clock)
+    closes = []
+    _connect(pool, clock, closes, 30)
+    upstreams.apply({"app": _settings("ws://h:1/x, ws://h:2/x", drain_time=2.0)})
+    clock.pump([0.25] * 12)
+    assert len(closes) == 10
+    upstreams.stopService()
+
+
+def test_rebalance_moves_the_excess_to_a_new_server_at_the_rate_and_stops_when_even():
+    clock = Clock()
+    settings = _settings("ws://h:1/x, ws://h:2/x", rebalance=True, rebalance_rate=50.0)
+    upstreams, pool = _started(settings, clock)
+    closes = []
+    leases = _connect(pool, clock, closes, 600)
+    upstreams.apply({"app": _settings(rebalance=True, rebalance_rate=50.0)})
+    pool = upstreams.pool("app")
+
+    def reconnect():  # what clients do on 1012: the pool places them again
+        for lease in [lease for lease in leases if lease.moving and lease in
+                      lease.server.leases]:
+            lease.release()
+            leases.extend(_connect(pool, clock, [], 1))
+
+    for _ in range(20):  # 2 s
+        clock.advance(0.1)
+        reconnect()
+    assert 95 <= len(closes) <= 105  # 50 per second
+    for _ in range(100):
+        clock.advance(0.1)
+        reconnect()
+    counts = [s.live for s in pool.servers]
+    assert all(abs(count - 200) <= 10 for count in counts), counts  # within the tolerance
+    moved = len(closes)
+    assert moved <= 230  # about the 200 the new server needed; then it stopped
+    clock.advance(5)
+    assert len(closes) == moved
+    upstreams.stopService()
+
+
+def test_without_rebalance_nothing_moves():
+    clock = Clock()
+    upstreams, pool = _started(_settings("ws://h:1/x, ws://h:2/x"), clock)
+    closes = []
+    _connect(pool, clock, closes, 100)
+    upstreams.apply({"app": _settings()})
+    clock.advance(10)
+    assert closes == []
+    upstreams.stopService()
+
+
+def test_hash_rebalance_moves_only_rooms_whose_server_changed_and_they_end_up_whole():
+    clock = Clock()
+    key = parse_hash_key("{room}")
+    two = _settings("ws://h:1/x, ws://h:2/x", balance="hash", hash_key=key, rebalance=True,
+                    rebalance_rate=1000.0)
+    upstreams, pool = _started(two, clock)
+    closes = []
+    rooms = [str(i) for i in range(40)]
+    leases = []
+    for room in rooms:
+        leases += _connect(pool, clock, closes, 3, request=_request(room=room))
+    upstreams.apply({"app": _settings(balance="hash", hash_key=key, rebalance=True,
+                                      rebalance_rate=1000.0)})
+    pool = upstreams.pool("app")
+    clock.advance(1)
+    moved = [lease for lease in leases if lease.moving]
+    assert all(lease.hash_value and
+               pool.choose(_request(room=lease.hash_value), set(), 0).key == "h:3"
+               for lease in moved)
+    assert 5 <= len({lease.hash_value for lease in moved}) <= 25  # about a third of 40
+    for lease in moved:  # they reconnect: whole rooms on the new server
+        lease.release()
+        leases += _connect(pool, clock, [], 1, request=_request(room=lease.hash_value))
+    for room in rooms:
+        assert len({lease.server.key for lease in leases
+                    if lease.hash_value == room and lease.server.leases and
+                    lease in lease.server.leases}) == 1
+    upstreams.stopService()
+
+
+class _Addresses:
+    def __init__(self, answers):
+        self.answers = answers
+
+    def lookup(self, name):
+        from twisted.internet import defer
+
+        return defer.succeed(tuple(self.answers[name]))
+
+
+def test_resolve_makes_each_address_a_server_and_drains_the_ones_that_disappear():
+    clock = Clock()
+    addresses = _Addresses({"app.internal": ["127.0.0.2", "127.0.0.3"]})
+    upstreams = Upstreams(clock, addresses=addresses)
+    settings = _settings("wss://app.internal:9000/x", resolve=5.0, drain_time=1.0)
+    upstreams.apply({"app": settings})
+    pool = upstreams.pool("app")
+    assert [s.key for s in pool.servers] == ["app.internal:9000"]  # before the answer
+    upstreams.startService()
+    pool = upstreams.pool("app")
+    assert [s.key for s in pool.servers] == ["127.0.0.2:9000", "127.0.0.3:9000"]
+    url = pool.servers[0].spec.url
+    assert (url.host, url.name, url.host_header) == ("127.0.0.2", "app.internal",
+                                                    "app.internal:9000")
+    assert pool.servers[0].spec.entry_key == "app.internal:9000"  # its TLS options
+    closes = []
+    _connect(pool, clock, closes, 10)
+    addresses.answers["app.internal"] = ["127.0.0.3", "127.0.0.4"]
+    clock.advance(5)
+    pool = upstreams.pool("app")
+    assert [s.key for s in pool.servers] == ["127.0.0.3:9000", "127.0.0.4:9000"]
+    assert pool.server("127.0.0.4:9000").joined_at == clock.seconds()
+    clock.pump([0.2] * 10)
+    assert len(closes) == 5  # the connections of 127.0.0.2 were moved
+    upstreams.stopService()

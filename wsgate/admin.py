@@ -231,34 +231,60 @@ class Connections(_Base):
 
 class Drain(_Base):
     """``POST /drain/route/{name}``: refuse new upgrades on a route (503) and close its
-    connections with 1001 over a few seconds; ``DELETE`` takes new upgrades again."""
+    connections with 1001 over a few seconds; ``DELETE`` takes new upgrades again.
+
+    ``POST /drain/upstream/{pool}/{host:port}``: the pool server takes no new
+    connections and its live ones are closed with 1012 over the pool's
+    ``drain_time`` (:mod:`wsgate.upstreams.moving`); ``DELETE`` stops the drain and
+    the server takes connections again.
+    """
 
     isLeaf = True
 
-    def _route(self, request):
+    def _target(self, request):
+        """``("route", name)``, ``("upstream", (pool, server))`` or None (404)."""
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
-        if len(parts) != 2 or parts[0] != "route":
-            return None
-        names = {route.name for route in self.admin.gateway.config.routes}
-        return parts[1] if parts[1] in names else None
+        if len(parts) == 2 and parts[0] == "route":
+            names = {route.name for route in self.admin.gateway.config.routes}
+            return ("route", parts[1]) if parts[1] in names else None
+        if len(parts) == 3 and parts[0] == "upstream":
+            return "upstream", (parts[1], parts[2])
+        return None
 
     def render_POST(self, request):
-        if not self.authorized(request):
-            return self.deny(request)
-        name = self._route(request)
-        if name is None:
-            return _json(request, 404, {"error": "no such route"})
-        closing = self.admin.gateway.drain_route(name, DRAIN_SPREAD_MAX)
-        return _json(request, 202, {"route": name, "draining": True, "closing": closing})
+        return self._drain(request, True)
 
     def render_DELETE(self, request):
+        return self._drain(request, False)
+
+    def _drain(self, request, on):
         if not self.authorized(request):
             return self.deny(request)
-        name = self._route(request)
-        if name is None:
+        target = self._target(request)
+        if target is None:
             return _json(request, 404, {"error": "no such route"})
+        kind, name = target
+        if kind == "upstream":
+            return self._drain_upstream(request, name, on)
+        if on:
+            closing = self.admin.gateway.drain_route(name, DRAIN_SPREAD_MAX)
+            return _json(request, 202, {"route": name, "draining": True, "closing": closing})
         self.admin.gateway.drained_routes.discard(name)
         return _json(request, 200, {"route": name, "draining": False})
+
+    def _drain_upstream(self, request, name, on):
+        pool, key = name
+        upstreams = self.admin.gateway.upstreams
+        server = upstreams.drain(pool, key, on)
+        if server is None:
+            return _json(request, 404, {"error": "no such pool server", "pool": pool,
+                                        "server": key})
+        body = {"pool": pool, "server": key, "draining": on,
+                "connections": server.live}
+        if on:
+            body.update(closing=server.live, drain_time=upstreams.drain_time(server))
+            return _json(request, 202, body)
+        return _json(request, 200, body)
 
 
 class Upstreams(_Base):

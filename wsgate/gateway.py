@@ -26,7 +26,7 @@ from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
 from wsgate.config.build import pool_health_tls
 from wsgate.targets.websocket import make_websocket_factory
-from wsgate.upstreams import health
+from wsgate.upstreams import dns, health
 from wsgate.upstreams.pools import Upstreams
 
 _log = Logger()
@@ -73,7 +73,7 @@ class Gateway:
         self.draining = False
         self.drained_routes = set()  # routes drained from the admin API
         # the pools' live state; a service (health checks) the GatewayService runs
-        self.upstreams = Upstreams(clock, health.checker_factory(clock))
+        self.upstreams = Upstreams(clock, health.checker_factory(clock), _addresses(config, clock))
         self.upstreams.apply(config.pools, pool_health_tls(config))
 
     def not_ready(self):
@@ -112,6 +112,7 @@ class Gateway:
         self._listeners = {listener.name: listener for listener in config.listeners}
         self._ws_factories = {}
         self._chains = {}
+        self.upstreams.addresses = _addresses(config, self.clock)
         self.upstreams.apply(config.pools, pool_health_tls(config))
 
     def new_conn_id(self):
@@ -225,6 +226,11 @@ class Gateway:
         protocol = fastpath_autobahn.protocol_class(factory, self.config.core.fast_paths)()
         protocol.factory = factory
         return protocol
+
+
+def _addresses(config, reactor):
+    """The DNS lookups of pools with ``resolve`` (``[wsgate] dns_hosts``, ``dns_servers``)."""
+    return dns.Addresses(reactor, config.core.dns_hosts, config.core.dns_servers)
 
 
 def _request_fields(head):

@@ -204,14 +204,25 @@ def _pool_families(upstreams):
     up = GaugeMetricFamily(
         "wsgate_upstream_up", "1 when neither the health checks nor passive health hold the "
         "server out and the config does not disable it", labels=["pool", "server"])
-    failures = {}
+    draining = GaugeMetricFamily(
+        "wsgate_upstream_draining", "1 while a drain closes the server's connections",
+        labels=["pool", "server"])
+    failures, moved = {}, {}
     for server in servers:
-        connections.add_metric([server.pool, server.key], server.live)
-        up.add_metric([server.pool, server.key], 1 if server.healthy(now) else 0)
+        labels = [server.pool, server.key]
+        connections.add_metric(labels, server.live)
+        up.add_metric(labels, 1 if server.healthy(now) else 0)
+        draining.add_metric(labels, 1 if server.drain is not None and not server.drain.done
+                            else 0)
         for reason, count in server.failures.items():
             failures[(server.pool, server.key, reason)] = count
+        for reason, count in server.moved.items():
+            moved[(server.pool, server.key, reason)] = count
     yield connections
     yield up
+    yield draining
+    yield _counter("wsgate_upstream_moved_total", "Connections closed with 1012 to move them "
+                   "off a server: drain or rebalance", ["pool", "server", "reason"], moved)
     yield _counter("wsgate_upstream_failures_total", "Failed tries and health checks on pool "
                    "servers, by reason", ["pool", "server", "reason"], failures)
     seconds = Histogram()

@@ -282,7 +282,8 @@ class _Publish(_Base):
 
 
 class _Drain(_Base):
-    """``/drain/route/{name}``: every worker drains (or stops draining) the route."""
+    """``/drain/route/{name}`` and ``/drain/upstream/{pool}/{server}``: every worker
+    drains (or stops draining) the route or the pool server."""
 
     isLeaf = True
 
@@ -297,8 +298,9 @@ class _Drain(_Base):
                 return
             status = answers[0][0]
             body = json.loads(answers[0][1])
-            if "closing" in body:
-                body["closing"] = sum(json.loads(a[1]).get("closing", 0) for a in answers)
+            for key in ("closing", "connections"):  # per worker: add them up
+                if key in body:
+                    body[key] = sum(json.loads(a[1]).get(key, 0) for a in answers)
             _finish(request, status, body)
         self.admin.call_all(method, request.uri).addCallback(combine)
         return server.NOT_DONE_YET

@@ -74,6 +74,19 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def parse_rate(text: str) -> tuple[float, float]:
+    """``10/s``, ``100/m``, ``1000/h`` → (count, per-second rate)."""
+    count, sep, unit = text.strip().partition("/")
+    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    try:
+        number = float(count)
+    except ValueError:
+        number = -1
+    if not sep or seconds is None or not 0 < number <= 1e9:  # refuses inf, nan, 1e20
+        raise ValueError(f"expected a rate such as 10/s, 100/m or 1000/h, got {text!r}")
+    return number, number / seconds
+
+
 def choice(*options: str) -> Callable[[str], str]:
     """A parser accepting one of *options* (any case) → the lower-case option."""
     def parse(text: str) -> str:

@@ -10,6 +10,7 @@
 //   /drop           destroys the TCP connection after the first message (no close frame)
 //   /whoami...      sends 'port:<its port>' when it opens, then echoes (pool tests)
 // UPGRADE_STATUS=503 (env) answers every upgrade with that HTTP status instead.
+// HOST and PORT (env) choose the listening address (127.0.0.1) and port (any).
 // Prints one JSON line per event on stdout: {"listening": port}, {"event": "close", ...}.
 // TLS when WSGATE_TLS_CERT and WSGATE_TLS_KEY are set.
 'use strict';
@@ -89,5 +90,5 @@ function serve(ws, req, url) {
   });
 }
 
-server.listen(Number(process.env.PORT || 0), '127.0.0.1', () => emit({ listening: server.address().port }));
+server.listen(Number(process.env.PORT || 0), process.env.HOST || '127.0.0.1', () => emit({ listening: server.address().port }));
 process.on('SIGTERM', () => process.exit(0));

@@ -90,7 +90,10 @@ def _pools(pools):
         text.append(
             f"[upstream:{name}] balance={balance}, tries={pool.tries}, connect_timeout="
             f"{units.format_duration(pool.connect_timeout)}, passive health={passive}, "
-            f"slow_start={_off_or_duration(pool.slow_start)}, health checks={health}\n")
+            f"slow_start={_off_or_duration(pool.slow_start)}, health checks={health}, "
+            f"drain_time={units.format_duration(pool.drain_time)}, rebalance="
+            f"{f'{pool.rebalance_rate:g}/s' if pool.rebalance else 'no'}, "
+            f"resolve={_off_or_duration(pool.resolve)}\n")
         rows = [[server.key, server.url.url, server.weight,
                  ",".join(flag for flag in ("backup", "down", "drain")
                           if getattr(server, flag)) or "-"]

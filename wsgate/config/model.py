@@ -36,6 +36,8 @@ class CoreSettings:
     fast_paths: bool = True
     workers: int = 1
     router: str = "default"  # an IRouterFactory plugin name or package.module:factory
+    dns_hosts: str = "/etc/hosts"  # pools' resolve: names found here are not asked of DNS
+    dns_servers: tuple = None  # ((address, port), ...); None: /etc/resolv.conf's
 
 
 @dataclass(frozen=True)

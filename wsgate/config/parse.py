@@ -27,6 +27,7 @@ from wsgate.config.model import (
 from wsgate.forwarding import parse_networks
 from wsgate.settings import REQUIRED, SettingError, Settings
 from wsgate.routing import HostPattern, PathPattern
+from wsgate.upstreams import dns
 from wsgate.upstreams.config import parse_pool
 
 
@@ -135,7 +136,7 @@ def _parse(path, parser):
         section = _Section(path, name, parser.items(name))
         kind, _, label = name.partition(":")
         if name == "wsgate":
-            core = _core(section)
+            core = _core(section, base)
         elif name == "admin":
             admin = _admin(section, base)
         elif kind == "listen" and label:
@@ -255,7 +256,7 @@ def _broker(section, name, base):
         ca=_resolve(base, ca) if ca else None, password=password)
 
 
-def _core(section):
+def _core(section, base):
     return CoreSettings(
         node_id=section.take("node_id", units.non_empty, socket.gethostname()),
         log_format=section.take("log_format", units.choice("text", "json"), "text"),
@@ -269,6 +270,8 @@ def _core(section):
         fast_paths=section.take("fast_paths", units.parse_bool, True),
         workers=section.take("workers", _workers, 1),
         router=section.take("router", units.non_empty, "default"),
+        dns_hosts=_resolve(base, section.take("dns_hosts", units.non_empty, "/etc/hosts")),
+        dns_servers=section.take("dns_servers", dns.parse_servers, None),
     )
 
 

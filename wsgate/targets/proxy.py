@@ -28,6 +28,7 @@ from wsgate.settings import SettingError
 from wsgate.targets import TargetType
 from wsgate.targets.relay import Relay
 from wsgate.upstreams.config import UpstreamURL, check_placeholders, parse_url
+from wsgate.upstreams.pools import request_hash_value
 
 _log = Logger()
 
@@ -513,8 +514,9 @@ class PoolTarget:
         server = pool.choose(request, tried, upstreams.clock.seconds())
         if server is None:
             return None
-        return _Choice(server.spec.url, (self.tls_by_server or {}).get(server.key), server,
-                       pool.lease(server, request.connection), upstreams)
+        hashed = request_hash_value(pool.settings, request)
+        return _Choice(server.spec.url, (self.tls_by_server or {}).get(server.spec.entry_key),
+                       server, pool.lease(server, request.connection, hashed), upstreams)
 
     def tried(self, choice, failed, seconds):
         """Tell the pool how the try went: passive health, failure counts, timings."""

@@ -360,12 +360,17 @@ class Relay:
         if leg.state is not LOST:
             leg.transport.write(b"".join(pending))
 
-    def close_with(self, code, reason):
-        """Close both sides from the gateway (idle timeout, kick, drain)."""
+    def close_with(self, code, reason, upstream_code=None, upstream_reason=None):
+        """Close both sides from the gateway (idle timeout, kick, drain); the upstream
+        gets *upstream_code* and *upstream_reason* when given (a client moved off its
+        server gets 1012 while the server gets 1001)."""
         self._closing(GATEWAY)
-        for leg in (self.client, self.upstream):
-            self._send_close(leg, code, reason)
-            self._end_later(leg)
+        if upstream_code is None:
+            upstream_code, upstream_reason = code, reason
+        self._send_close(self.client, code, reason)
+        self._end_later(self.client)
+        self._send_close(self.upstream, upstream_code, upstream_reason)
+        self._end_later(self.upstream)
 
     # -- keepalive per leg
 

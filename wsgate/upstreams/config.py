@@ -29,9 +29,10 @@ class UpstreamURL:
 
     url: str  # as written in the config
     scheme: str  # ws or wss
-    host: str  # without brackets
+    host: str  # without brackets; an address when found by ``resolve``
     port: int
     path_template: str  # may hold {path}, {tail}, route placeholders and a query
+    name: str | None = None  # the host name ``host`` was resolved from (Host, SNI)
 
     @property
     def key(self) -> str:
@@ -42,7 +43,8 @@ class UpstreamURL:
 
     @property
     def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = self.name or self.host
+        host = f"[{host}]" if ":" in host else host
         default = 443 if self.scheme == "wss" else 80
         return host if self.port == default else f"{host}:{self.port}"
 
@@ -93,11 +95,28 @@ class ServerSpec:
     weight: int = 1
     backup: bool = False  # used only when no other server can take the connection
     down: bool = False  # takes nothing (kept in the list, shown as disabled)
-    drain: bool = False  # takes no new connections; live ones stay
+    drain: bool = False  # takes no new connections; live ones are moved over drain_time
+    entry: str | None = None  # found by resolve: the key of the config entry it came from
 
     @property
     def key(self) -> str:
         return self.url.key
+
+    @property
+    def entry_key(self) -> str:
+        """The config entry's ``host:port`` (TLS options are built per entry)."""
+        return self.entry or self.url.key
+
+    @property
+    def resolvable(self) -> bool:
+        """Whether its host is a name (``resolve`` looks it up), not an address."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(self.url.host)
+        except ValueError:
+            return True
+        return False
 
 
 def parse_servers(text: str) -> tuple[ServerSpec, ...]:
@@ -186,6 +205,10 @@ class PoolSettings:
     health_path: str = "/"
     rise: int = 2
     fall: int = 3
+    drain_time: float = 30.0  # a drained server's connections are closed over this
+    rebalance: bool = False
+    rebalance_rate: float = 10.0  # connections moved per second, per pool
+    resolve: float = 0.0  # interval between DNS lookups of host names; 0: off
 
     @property
     def scheme(self) -> str:
@@ -222,7 +245,15 @@ def parse_pool(name: str, section: Any) -> PoolSettings:
         health_path=section.take("health_path", _path, "/"),
         rise=section.take("rise", units.bounded_int(1, 100), 2),
         fall=section.take("fall", units.bounded_int(1, 100), 3),
+        drain_time=section.take("drain_time", units.parse_duration, 30.0),
+        rebalance=section.take("rebalance", units.parse_bool, False),
+        rebalance_rate=section.take("rebalance_rate", _per_second, 10.0),
+        resolve=section.take("resolve", _interval_or_off, 0.0),
     )
+
+
+def _per_second(text: str) -> float:
+    return units.parse_rate(text)[1]
 
 
 def _interval_or_off(text: str) -> float:

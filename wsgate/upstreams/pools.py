@@ -21,6 +21,7 @@ joins by a reload, gets its share ramped over ``slow_start``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Any
 
 from twisted.application import service
@@ -39,11 +40,13 @@ _log = Logger()
 class Lease:
     """One connection's (or one try's) claim on a server; :meth:`release` is idempotent."""
 
-    __slots__ = ("server", "connection")
+    __slots__ = ("server", "connection", "hash_value", "moving")
 
-    def __init__(self, server: Server, connection: Any = None):
+    def __init__(self, server: Server, connection: Any = None, hash_value: str | None = None):
         self.server = server
-        self.connection = connection
+        self.connection = connection  # wsgate.gateway.Connection; .protocol once relaying
+        self.hash_value = hash_value  # what a hash pool placed it by (rebalancing reads it)
+        self.moving = False  # closed by a drain or a rebalance: no longer counted as movable
         server.leases.add(self)
 
     def release(self) -> None:
@@ -69,6 +72,9 @@ class Server:
         self.streak = 0  # consecutive check results that disagree with checked_up
         self.last_check: dict[str, Any] | None = None
         self.failures: collections.Counter[str] = collections.Counter()  # by reason
+        self.admin_drain = False  # POST /drain/upstream/...: kept across reloads
+        self.moved: collections.Counter[str] = collections.Counter()  # drain, rebalance
+        self.drain: Any = None  # the running wsgate.upstreams.moving.Drain
 
     @property
     def live(self) -> int:
@@ -86,13 +92,19 @@ class Server:
             return "disabled"
         if self.removed:
             return "removed"
-        if self.spec.drain:
+        if self.draining_wanted:
             return "drain"
         if not self.checked_up:
             return "down"
         if now < self.out_until:
             return "failed"
         return "up"
+
+    @property
+    def draining_wanted(self) -> bool:
+        """Whether its connections should be moved off: ``drain`` in the config, an admin
+        drain, or no longer in the config (or in DNS)."""
+        return self.spec.drain or self.admin_drain or self.removed
 
     def healthy(self, now: float) -> bool:
         """What ``wsgate_upstream_up`` says: neither health source holds it out and the
@@ -109,7 +121,9 @@ class Server:
         return {"server": self.key, "url": self.spec.url.url, "state": self.state(now),
                 "weight": self.weight, "backup": self.spec.backup,
                 "connections": self.live, "failures": dict(self.failures),
-                "last_check": self.last_check}
+                "last_check": self.last_check,
+                "draining": self.drain is not None and not self.drain.done,
+                "moved": dict(self.moved)}
 
 
 def hash_value(hash_key: Any, request: Any) -> str | None:
@@ -129,6 +143,13 @@ def hash_value(hash_key: Any, request: Any) -> str | None:
         if sep and cookie == name:
             return value
     return None
+
+
+def request_hash_value(settings: Any, request: Any) -> str | None:
+    """What *request* hashes on in a ``hash`` pool (None in other pools, or without a key)."""
+    if settings.balance != "hash":
+        return None
+    return hash_value(settings.hash_key, request)
 
 
 class Pool:
@@ -183,8 +204,9 @@ class Pool:
             candidates = _within_ramp(candidates, now, slow_start)
         return balance.least_conn(candidates, _live, _weight, counters.turn)
 
-    def lease(self, server: Server, connection: Any = None) -> Lease:
-        return Lease(server, connection)
+    def lease(self, server: Server, connection: Any = None,
+              hash_value: str | None = None) -> Lease:
+        return Lease(server, connection, hash_value)
 
 
 def _key(server: Server) -> str:
@@ -229,28 +251,46 @@ class Upstreams(service.Service):
     (SIGHUP); live connections are not touched.
     """
 
-    def __init__(self, clock: Any, checker_factory: Any = None):
+    def __init__(self, clock: Any, checker_factory: Any = None, addresses: Any = None):
         self.clock = clock
         self.pools: dict[str, Pool] = {}
+        self._settings: dict[str, Any] = {}
         self._servers: dict[tuple[str, str], Server] = {}
         self._counters: dict[str, PoolCounters] = {}
         self._checker_factory = checker_factory  # (upstreams, pool settings, server, tls)
         self._checkers: dict[tuple[str, str], Any] = {}
         self._tls: dict[str, Any] = {}
         self._started_once = False
+        self._rebalancers: dict[str, Any] = {}
+        self.addresses = addresses  # a wsgate.upstreams.dns.Addresses (resolve); or None
+        self._resolved: dict[tuple[str, str], tuple[str, ...]] = {}  # (pool, entry) → addresses
+        self._lookups: dict[str, Any] = {}  # pool → (interval, LoopingCall)
 
     # -- configuration
 
     def apply(self, pools: dict[str, Any], tls: dict[str, Any] | None = None) -> None:
         """Use *pools* (name → PoolSettings) from now on. *tls* maps a pool name to the
-        client TLS options of its wss:// servers' health checks (by server key)."""
+        client TLS options of its wss:// servers' health checks (by entry key).
+
+        Servers keep their state by ``(pool, host:port)``; a server no longer
+        listed is ``removed`` and drained (over its pool's ``drain_time``).
+        """
+        self._settings = dict(pools)
+        self._tls = dict(tls or {})
+        for key in [key for key in self._resolved if key[0] not in pools]:
+            del self._resolved[key]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         now = self.clock.seconds()
         initial = not self._started_once and not self.pools
         new: dict[str, Pool] = {}
         kept: set[tuple[str, str]] = set()
-        for name, settings in pools.items():
+        for name, settings in self._settings.items():
             servers = []
-            for spec in settings.servers:
+            for spec in self._specs(settings):
+                if (name, spec.key) in kept:
+                    continue  # two entries resolved to one address
                 state = self._servers.get((name, spec.key))
                 if state is None:
                     state = Server(name, spec, joined_at=-1e18 if initial else now)
@@ -269,9 +309,26 @@ class Upstreams(service.Service):
                 if not state.leases:
                     del self._servers[key]
         self.pools = new
-        self._tls = dict(tls or {})
         if self.running:
             self._sync_checkers()
+            self._sync_moves()
+            self._sync_lookups()
+
+    def _specs(self, settings: Any) -> list[Any]:
+        """The servers of *settings*, each host name replaced by the addresses ``resolve``
+        found for it (until its first answer, the name itself is the server)."""
+        if not settings.resolve:
+            return list(settings.servers)
+        specs = []
+        for spec in settings.servers:
+            found = self._resolved.get((settings.name, spec.key)) if spec.resolvable else None
+            if found is None:
+                specs.append(spec)
+                continue
+            for address in found:
+                url = dataclasses.replace(spec.url, host=address, name=spec.url.host)
+                specs.append(dataclasses.replace(spec, url=url, entry=spec.key))
+        return specs
 
     def retired(self) -> list[Server]:
         """Servers no longer configured that still carry connections."""
@@ -381,12 +438,122 @@ class Upstreams(service.Service):
         super().startService()
         self._started_once = True
         self._sync_checkers()
+        self._sync_moves()
+        self._sync_lookups()
 
     def stopService(self) -> None:
         super().stopService()
         for checker in self._checkers.values():
             checker.stop()
         self._checkers = {}
+        for rebalancer in self._rebalancers.values():
+            rebalancer.stop()
+        self._rebalancers = {}
+        for server in self._servers.values():
+            if server.drain is not None:
+                server.drain.cancel()
+                server.drain = None
+        for _, loop in self._lookups.values():
+            loop.stop()
+        self._lookups = {}
+
+    # -- moving connections (drain, rebalance)
+
+    def drain_time(self, server: Server) -> float:
+        settings = self._settings.get(server.pool)
+        return settings.drain_time if settings is not None else 30.0
+
+    def _sync_moves(self) -> None:
+        """A drain runs for each server whose connections should move (and has some); a
+        rebalancer for each pool with ``rebalance = yes``."""
+        from wsgate.upstreams.moving import Drain, Rebalancer
+
+        for server in list(self._servers.values()):
+            if server.draining_wanted:
+                if server.drain is None and server.leases:
+                    why = ("no longer in the config" if server.removed and not server.spec.entry
+                           else "no longer in DNS" if server.removed
+                           else "drain in the config" if server.spec.drain
+                           else "admin request")
+                    server.drain = Drain(self.clock, server, self.drain_time(server), why)
+                    server.drain.start()
+            elif server.drain is not None:
+                server.drain.cancel()
+                server.drain = None
+        for name, pool in self.pools.items():
+            if pool.settings.rebalance and name not in self._rebalancers:
+                self._rebalancers[name] = Rebalancer(self.clock, self, name)
+                self._rebalancers[name].start()
+        for name in [name for name in self._rebalancers
+                     if name not in self.pools or not self.pools[name].settings.rebalance]:
+            self._rebalancers.pop(name).stop()
+
+    def drain(self, pool: str, key: str, on: bool) -> Server | None:
+        """``POST`` (*on*) or ``DELETE /drain/upstream/{pool}/{key}``: the server, or None
+        when the pool has no such server. A drain that finished is started again."""
+        found = self.pools.get(pool)
+        server = found.server(key) if found is not None else None
+        if server is None:
+            return None
+        server.admin_drain = on
+        if on and server.drain is not None and server.drain.done:
+            server.drain = None
+        if self.running:
+            self._sync_moves()
+        return server
+
+    # -- DNS (resolve)
+
+    def _sync_lookups(self) -> None:
+        """A lookup loop for each pool with ``resolve`` and a server given by name."""
+        from twisted.internet.task import LoopingCall
+
+        wanted = {name: settings.resolve for name, settings in self._settings.items()
+                  if settings.resolve and any(s.resolvable for s in settings.servers)}
+        for name in list(self._lookups):
+            interval, loop = self._lookups[name]
+            if wanted.get(name) != interval:
+                loop.stop()
+                del self._lookups[name]
+        if self.addresses is None:
+            return
+        for name, interval in wanted.items():
+            if name not in self._lookups:
+                loop = LoopingCall(self._look_up, name)
+                loop.clock = self.clock
+                self._lookups[name] = (interval, loop)
+                loop.start(interval, now=True)
+
+    def _look_up(self, name: str) -> None:
+        settings = self._settings.get(name)
+        if settings is None:
+            return
+        for spec in settings.servers:
+            if spec.resolvable:
+                d = self.addresses.lookup(spec.url.host)
+                d.addCallbacks(self._found, self._not_found, callbackArgs=(name, spec),
+                               errbackArgs=(name, spec))
+
+    def _found(self, addresses: tuple[str, ...], pool: str, spec: Any) -> None:
+        key = (pool, spec.key)
+        settings = self._settings.get(pool)
+        if settings is None or spec not in settings.servers:
+            return  # the config changed meanwhile
+        before = self._resolved.get(key)
+        if before == addresses:
+            return
+        self._resolved[key] = addresses
+        added = sorted(set(addresses) - set(before or ()))
+        gone = sorted(set(before or ()) - set(addresses))
+        observe.emit("wsgate.upstream.resolved",
+                     "upstream {host} of pool {pool} resolves to {addresses}",
+                     pool=pool, host=spec.url.host, addresses=list(addresses), added=added,
+                     removed=gone)
+        self._rebuild()
+
+    def _not_found(self, failure: Any, pool: str, spec: Any) -> None:
+        _log.warn("wsgate: pool {pool}: looking up {name} failed, keeping its servers: "
+                  "{why}", pool=pool, name=spec.url.host, why=failure.getErrorMessage())
 
     def _sync_checkers(self) -> None:
         """One running checker per server of a pool with ``health_check``; a checker
@@ -408,8 +575,8 @@ class Upstreams(service.Service):
                 del self._checkers[key]
         for key, (settings, server) in wanted.items():
             if key not in self._checkers:
-                checker = self._checker_factory(self, settings, server,
-                                                self._tls.get(key[0], {}).get(key[1]))
+                tls = self._tls.get(key[0], {}).get(server.spec.entry_key)
+                checker = self._checker_factory(self, settings, server, tls)
                 self._checkers[key] = checker
                 checker.start()
         for key, server in self._servers.items():  # no checks: nothing holds it down
