@@ -399,12 +399,18 @@ class Upstreams(service.Service):
         server.streak += 1
         settings = pool.settings
         if ok and server.streak >= settings.rise:
+            # the checks win over passive health (as HAProxy's): back means back
             server.checked_up, server.streak = True, 0
+            server.out_until, server.probation = 0.0, False
+            server.recent_failures.clear()
             server.joined_at = now
             self._event("up", server, f"{settings.rise} health checks passed ({detail})")
         elif not ok and server.streak >= settings.fall:
+            was_up = server.state(now) == "up"
             server.checked_up, server.streak = False, 0
-            self._event("down", server, f"{settings.fall} health checks failed ({detail})")
+            if was_up:  # passive health may have taken it out (and said so) already
+                self._event("down", server, f"{settings.fall} health checks failed "
+                            f"({detail})")
 
     def _event(self, what: str, server: Server, why: str) -> None:
         observe.emit(f"wsgate.upstream.{what}",
