@@ -15,6 +15,7 @@ from wsgate.idle import IdleTimer
 from wsgate.pubsub import LocalFanout, Message
 from wsgate.pubsub.redis import _ProtocolFactory
 from wsgate.fastpath_autobahn import FastTerminatedProtocol
+from wsgate.pubsub.history import ChannelPolicy
 from wsgate.targets.broadcast import BroadcastSubscriber
 
 
@@ -44,6 +45,7 @@ class Target:
     client_publish = True
     max_send_buffer = 1 << 20
     slow_consumer = "drop"
+    policy = ChannelPolicy()  # no history, presence or join/leave
 
 
 class NullBroker:

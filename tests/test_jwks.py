@@ -261,8 +261,11 @@ def jwks_policy(settings):
 
 def test_policy_takes_the_algorithm_from_the_key_the_kid_names():
     policy = jwks_policy({})
-    assert policy.check(Request(RSA_1.token())) == Allow(identity="alice")
-    assert policy.check(Request(EC_1.token(sub="bob"))) == Allow(identity="bob")
+    allowed = policy.check(Request(RSA_1.token()))
+    assert allowed == Allow(identity="alice", claims=allowed.claims)  # claims: the token's
+    assert allowed.claims["sub"] == "alice"
+    allowed = policy.check(Request(EC_1.token(sub="bob")))
+    assert allowed == Allow(identity="bob", claims=allowed.claims)
     # signed by another key that claims an existing kid
     assert isinstance(policy.check(Request(RSA_2.token(kid="rsa-1"))), Deny)
 

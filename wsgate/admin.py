@@ -22,7 +22,8 @@ from twisted.web import resource, server
 
 from wsgate import frames, http, metrics
 from wsgate.gateway import DRAIN_SPREAD_MAX
-from wsgate.pubsub import Message
+from wsgate.config.build import channel_settings
+from wsgate.pubsub import Message, json_delivery
 
 _log = Logger()
 
@@ -301,6 +302,67 @@ class Upstreams(_Base):
         return _json(request, 200, {"pools": self.admin.gateway.upstreams.describe()})
 
 
+class Channels(_Base):
+    """``GET /channels``: this process's channels and their local subscriber counts;
+    ``GET /channels/{channel}/presence`` and ``GET /channels/{channel}/history?since=&limit=``
+    (token required: presence lists identities)."""
+
+    isLeaf = True
+    MAX_LIMIT = 10000
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        while parts and parts[-1] == "":
+            parts.pop()
+        broker = self.admin.broker
+        if not parts:
+            counts = broker.local.counts()
+            return _json(request, 200, {"channels": [
+                {"channel": channel, "subscribers": n} for channel, n in sorted(counts.items())]})
+        if len(parts) < 2 or parts[-1] not in ("presence", "history"):
+            return _json(request, 404, {"error": "not found"})
+        channel = "/".join(parts[:-1])
+        policy = self.admin.channel_policy(channel)
+        if parts[-1] == "presence":
+            if not policy.presence or getattr(broker, "presence", None) is None:
+                return _json(request, 404, {"error": "no presence on this channel",
+                                            "channel": channel})
+            d = broker.presence.members(channel)
+            d.addCallback(lambda members: {"channel": channel, "members": members})
+        else:
+            if not policy.keeps_history:
+                return _json(request, 404, {"error": "this channel keeps no history",
+                                            "channel": channel})
+            args = request.args
+            since = args.get(b"since", [None])[0]
+            try:
+                limit = int(args.get(b"limit", [b"100"])[0])
+            except ValueError:
+                limit = -1
+            if not 0 < limit <= self.MAX_LIMIT:
+                return _json(request, 400, {"error": f"limit must be 1 to {self.MAX_LIMIT}"})
+            since = since.decode("utf-8", "replace") if since is not None else None
+            d = broker.recover(channel, since, limit)
+            d.addCallback(lambda recovery: {
+                "channel": channel, "pos": recovery.position, "recovered": recovery.ok,
+                "messages": [json.loads(json_delivery(message)) for _, message in
+                             recovery.entries]})
+
+        def done(body):
+            if request.channel is not None:
+                request.write(_json(request, 200, body))
+                request.finish()
+
+        def failed(failure):
+            if request.channel is not None:
+                request.write(_json(request, 503, {"error": "broker unavailable"}))
+                request.finish()
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
 class AdminSite(server.Site):
     """The admin endpoint's site; answers from the gateway it is given."""
 
@@ -322,6 +384,7 @@ class AdminSite(server.Site):
         root.putChild(b"connections", Connections(self))
         root.putChild(b"drain", Drain(self))
         root.putChild(b"upstreams", Upstreams(self))
+        root.putChild(b"channels", Channels(self))
         super().__init__(root)
         bound_requests(self)
         self.displayTracebacks = False
@@ -350,6 +413,10 @@ class AdminSite(server.Site):
     @property
     def node_id(self):
         return self.gateway.node_id
+
+    def channel_policy(self, channel):
+        """What the config in force keeps for *channel* (history, presence)."""
+        return channel_settings(self.gateway.config)(channel)
 
     def readiness(self):
         """``/readyz``'s body: ``status`` is ``ok``, ``draining``, ``broker_down`` (only with

@@ -24,7 +24,7 @@ from wsgate.coalesce import IterationFlusher
 from wsgate.metrics import Stats
 from wsgate.policies import ChainOutcome, PolicyChain, UpgradeRequest
 from wsgate.routing import strip_port
-from wsgate.config.build import pool_health_tls
+from wsgate.config.build import channel_settings, pool_health_tls
 from wsgate.targets.websocket import make_websocket_factory
 from wsgate.upstreams import dns, health
 from wsgate.upstreams.pools import Upstreams
@@ -75,6 +75,7 @@ class Gateway:
         # the pools' live state; a service (health checks) the GatewayService runs
         self.upstreams = Upstreams(clock, health.checker_factory(clock), _addresses(config, clock))
         self.upstreams.apply(config.pools, pool_health_tls(config))
+        _configure_broker(broker, config)
 
     def not_ready(self):
         """Why this process should be sent no new connections, or None when it should:
@@ -114,6 +115,7 @@ class Gateway:
         self._chains = {}
         self.upstreams.addresses = _addresses(config, self.clock)
         self.upstreams.apply(config.pools, pool_health_tls(config))
+        _configure_broker(self.broker, config)
 
     def new_conn_id(self):
         return secrets.token_hex(8)
@@ -226,6 +228,14 @@ class Gateway:
         protocol = fastpath_autobahn.protocol_class(factory, self.config.core.fast_paths)()
         protocol.factory = factory
         return protocol
+
+
+def _configure_broker(broker, config):
+    """Tell the broadcast broker which channels keep history (a plugin's broker may not
+    take it)."""
+    configure = getattr(broker, "configure", None)
+    if configure is not None:
+        configure(channel_settings(config))
 
 
 def _addresses(config, reactor):
@@ -412,7 +422,8 @@ class HandshakeProtocol(Protocol):
             return
         self.state = self.DONE
         self._cancel_timer()
-        identity = self._outcome.identity if self._outcome is not None else None
+        identity = self._outcome.identity if self._outcome is not None else \
+            getattr(refusal, "identity", None)  # a later policy denied a known client
         self._release()
         if self.client is None:
             self.client = observe.format_address(self.transport.getPeer())
@@ -445,11 +456,13 @@ class HandshakeProtocol(Protocol):
         if not match.route.policies:
             self._policies_passed(ChainOutcome(), match, head, connection)
             return
+        channel_for = getattr(match.route.target, "channel_for", None)  # broadcast routes
         request = UpgradeRequest(
             conn_id=connection.conn_id, route=match.route.name, listener=self.listener.name,
             client=self.origin.ip, host=strip_port(head.host), path=head.path,
             query=parse_qs(head.query, keep_blank_values=True), params=dict(match.params),
-            headers=head)
+            headers=head,
+            channel=channel_for(match.params) if channel_for is not None else None)
         self._wait(self.gateway.chain(match.route).run(request), self._policies_passed,
                    match, head, connection)
 

@@ -64,6 +64,7 @@ class HttpRefusal(Exception):
         self.headers = tuple(headers)
         self.route = route  # the route's name, when one matched (events, metrics)
         self.policy = policy  # the policy that refused, if one did
+        self.identity: str | None = None  # set by the policy chain: the identity so far
 
 
 @dataclass(frozen=True)

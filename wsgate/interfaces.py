@@ -86,12 +86,15 @@ class IPolicy(Interface):
     """A check on the upgrade request, run before any 101 and before an upstream is contacted.
 
     Routes list policies (``policies = a, b``); they run in that order and a
-    later policy sees the identity an earlier one set.
+    later policy sees the identity and the claims earlier ones set.
 
     Optional: a policy that decides on the ``Origin`` header itself sets
     ``checks_origin = True`` (the built-in ``origin`` type does); a route with
     such a policy, in enforce or shadow mode, then does not get the gateway's
-    same-origin default (:mod:`wsgate.sameorigin`).
+    same-origin default (:mod:`wsgate.sameorigin`). A policy that decides on
+    the request's ``channel`` sets ``needs_channel = True`` (the built-in
+    ``channel`` type does): listing it on a route that is not a broadcast
+    route is then a config error.
     """
 
     name = Attribute("The ``[policy:NAME]`` section name: the reason label of its denials.")
@@ -103,10 +106,11 @@ class IPolicy(Interface):
         """Decide on *request* (a :class:`wsgate.policies.UpgradeRequest`).
 
         Return ``None`` or a :class:`wsgate.policies.Allow` (optionally with an
-        identity, headers to forward upstream, client headers and query
-        parameters the upstream must not see, and an :class:`IPolicySession`
-        for the open connection), or a :class:`wsgate.policies.Deny` (status,
-        reason, response headers); or a Deferred firing with one of these.
+        identity and claims for the later policies, headers to forward
+        upstream, client headers and query parameters the upstream must not
+        see, and an :class:`IPolicySession` for the open connection), or a
+        :class:`wsgate.policies.Deny` (status, reason, response headers); or a
+        Deferred firing with one of these.
         Anything raised becomes a 500 with a generic body, logged once.
         """
 

@@ -10,7 +10,8 @@ worker runs and is ready (see :class:`_Ready`);
 workers' connections (with their ``worker``) and a kick goes to the worker
 that has the connection; ``/publish`` is done by one worker (the broker takes
 the message to every process); ``/upstreams`` sums the workers' pools (each
-worker balances on its own counts and health state).
+worker balances on its own counts and health state); ``/channels`` sums the
+workers' subscribers, its presence and history come from the shared broker.
 """
 
 import json
@@ -367,6 +368,39 @@ class _Upstreams(_Base):
         return server.NOT_DONE_YET
 
 
+class _Channels(_Base):
+    """``/channels``: every worker's local subscriber counts added up per channel;
+    ``/channels/{channel}/presence`` and ``/history`` come from the shared broker
+    (workers need Redis for broadcast), so the first worker that answers answers."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        if not self.authorized(request):
+            return self.deny(request)
+        listing = not [p for p in request.postpath if p]
+
+        def combine(results):
+            answers = [value for _, (ok, value) in results if ok]
+            if not answers:
+                _finish(request, 503, {"error": "no worker answered"})
+                return
+            if not listing:
+                status, body = answers[0]
+                _finish(request, status, json.loads(body))
+                return
+            counts = {}
+            for status, body in answers:
+                if status == 200:
+                    for entry in json.loads(body)["channels"]:
+                        counts[entry["channel"]] = counts.get(entry["channel"], 0) + \
+                            entry["subscribers"]
+            _finish(request, 200, {"channels": [{"channel": c, "subscribers": n}
+                                                for c, n in sorted(counts.items())]})
+        self.admin.call_all(b"GET", request.uri, PROBE_TIMEOUT).addCallback(combine)
+        return server.NOT_DONE_YET
+
+
 class PoolAdminSite(server.Site):
     """The parent's admin site: the same paths and token as a single process's
     (:mod:`wsgate.admin`), answered by asking the workers of *pool*."""
@@ -385,6 +419,7 @@ class PoolAdminSite(server.Site):
         root.putChild(b"publish", _Publish(self.pool_view))
         root.putChild(b"drain", _Drain(self.pool_view))
         root.putChild(b"upstreams", _Upstreams(self.pool_view))
+        root.putChild(b"channels", _Channels(self.pool_view))
         super().__init__(root)
         self.displayTracebacks = False
 

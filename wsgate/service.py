@@ -180,7 +180,7 @@ class GatewayService(service.MultiService):
         if broker is None:
             settings = self.config.brokers.get(name)
             if settings is None or settings.type == "memory":
-                broker = MemoryBroker()
+                broker = MemoryBroker(reactor)
             else:
                 broker = RedisBroker(settings, reactor, self.config.core.node_id)
                 broker.setServiceParent(self)

@@ -24,6 +24,7 @@ def build(parsed, reactor):
     routes = tuple(_route(parsed, route, policies) for route in parsed.routes)
     _check_workers(parsed, routes)
     _check_pool_tls(parsed, routes)
+    _check_channels(parsed, routes)
     return Config(parsed.path, parsed.core, listeners, routes, policies, parsed.brokers,
                   parsed.admin, parsed.pools)
 
@@ -100,11 +101,23 @@ def _route(parsed, route, policies):
     if route.allow_cross_origin and not target.websocket:
         raise section.error("allow_cross_origin", "applies to WebSocket routes only (this "
                             "route serves plain GET requests)")
+    _check_channel_policies(section, target, route.policies, policies)
     return RouteSettings(
         name=route.name, host=route.host, path=route.path, target=target,
         listeners=route.listeners, policies=tuple(policies[name] for name in route.policies),
         max_message_size=route.max_message_size, idle_timeout=route.idle_timeout,
         allow_cross_origin=route.allow_cross_origin)
+
+
+def _check_channel_policies(section, target, names, policies):
+    """A policy that checks the route's channel (``needs_channel``: ``type = channel``)
+    is listed on routes that have one (broadcast) only."""
+    if getattr(target, "channel_for", None) is not None:
+        return
+    for name in names:
+        if getattr(policies[name], "needs_channel", False):
+            raise section.error("policies", f"[policy:{name}] checks a broadcast channel: "
+                                "list it on broadcast routes only")
 
 
 def _check_pool_tls(parsed, routes):
@@ -122,6 +135,34 @@ def _check_pool_tls(parsed, routes):
             raise section.error("upstream_verify", f"routes sharing [upstream:{pool}] must "
                                 f"set upstream_verify and upstream_ca alike (see "
                                 f"[route:{first[0]}])")
+
+
+def _broadcast_routes(routes):
+    return [(route.name, route.target.channel, route.target.policy) for route in routes
+            if getattr(route.target, "type", None) == "broadcast"
+            and hasattr(route.target, "policy")]
+
+
+def _check_channels(parsed, routes):
+    """History, presence and join/leave belong to the channel: two broadcast routes that
+    can name one channel must set them alike."""
+    from wsgate.pubsub.history import check_routes
+
+    clash = check_routes(_broadcast_routes(routes))
+    if clash is not None:
+        section = next(r.section for r in parsed.routes if r.name == clash[1])
+        raise section.error("history", f"this route and [route:{clash[0]}] can name the same "
+                            "channel: history, history_ttl, presence and join_leave belong "
+                            "to the channel and must be set alike on both")
+
+
+def channel_settings(config):
+    """The :class:`wsgate.pubsub.history.ChannelSettings` of *config*'s broadcast routes."""
+    from wsgate.pubsub.history import ChannelSettings
+
+    return ChannelSettings([(template, policy) for _, template, policy in
+                            _broadcast_routes(config.routes)],
+                           config.core.max_history_channels)
 
 
 def pool_health_tls(config):

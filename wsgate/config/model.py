@@ -27,6 +27,7 @@ class CoreSettings:
     node_id: str
     log_format: str = "text"
     max_connections: int = 50000
+    max_history_channels: int = 10000  # channels with history kept (least recent go first)
     broker: str = None  # the [broker:NAME] broadcast routes use; None: in-process
     drain_timeout: float = 30.0
     drain_delay: float = 0.0  # after SIGTERM, seconds of 503s on open listeners before the drain
@@ -60,6 +61,7 @@ class BrokerSettings:
     timeout: float = 2.0  # per Redis command
     ca: str = None  # PEM CA file for rediss://
     password: str = field(default=None, repr=False)  # password/password_file (else the URL's)
+    presence_ttl: float = 30.0  # a crashed node's presence members expire after this
 
 
 @dataclass(frozen=True)

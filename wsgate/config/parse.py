@@ -253,7 +253,15 @@ def _broker(section, name, base):
     return BrokerSettings(
         name, kind, url=url, prefix=section.take("prefix", str, "wsgate:"),
         timeout=section.take("timeout", units.positive_duration, 2.0),
-        ca=_resolve(base, ca) if ca else None, password=password)
+        ca=_resolve(base, ca) if ca else None, password=password,
+        presence_ttl=section.take("presence_ttl", _presence_ttl, 30.0))
+
+
+def _presence_ttl(text):
+    value = units.positive_duration(text)
+    if value < 1:
+        raise ValueError(f"expected at least 1s, got {text!r}")
+    return value
 
 
 def _core(section, base):
@@ -261,6 +269,8 @@ def _core(section, base):
         node_id=section.take("node_id", units.non_empty, socket.gethostname()),
         log_format=section.take("log_format", units.choice("text", "json"), "text"),
         max_connections=section.take("max_connections", units.parse_positive_int, 50000),
+        max_history_channels=section.take("max_history_channels",
+                                          units.bounded_int(1, 10_000_000), 10000),
         broker=section.take("broker", units.non_empty, None),
         drain_timeout=section.take("drain_timeout", units.positive_duration, 30.0),
         drain_delay=section.take("drain_delay", units.parse_duration, 0.0),

@@ -2,6 +2,7 @@
 discovery as third-party ones."""
 
 from wsgate.policies.apikey import apikey
+from wsgate.policies.channel import channel
 from wsgate.policies.connlimit import connlimit
 from wsgate.policies.firewall import firewall
 from wsgate.policies.jwtauth import jwt_type
@@ -15,5 +16,5 @@ from wsgate.targets.static import static
 
 default_router = DefaultRouterFactory()
 
-__all__ = ["apikey", "jwt_type", "ratelimit", "firewall", "origin", "connlimit",
+__all__ = ["apikey", "jwt_type", "ratelimit", "firewall", "origin", "connlimit", "channel",
            "default_router", "echo", "broadcast", "proxy", "static"]

@@ -1,13 +1,15 @@
 """Policies: the request they see, the decisions they return, and the chain that runs them.
 
 A route's policies run in order on the upgrade request, before any 101 and
-before an upstream is contacted. Each may allow (adding an identity, headers
-for the upstream and a per-connection :class:`~wsgate.interfaces.IPolicySession`)
-or deny with an HTTP status. ``mode = shadow`` policies are run, and what they
-would deny is logged and counted, but allowed.
+before an upstream is contacted. Each may allow (adding an identity, claims
+for the policies after it, headers for the upstream and a per-connection
+:class:`~wsgate.interfaces.IPolicySession`) or deny with an HTTP status.
+``mode = shadow`` policies are run, and what they would deny is logged and
+counted, but allowed.
 """
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,6 +27,8 @@ MODES = ("enforce", "shadow")
 # A policy section problem; *key* is the config key at fault (the name plugins know).
 PolicyConfigError = SettingError
 
+_NO_CLAIMS = MappingProxyType({})
+
 
 @dataclass
 class UpgradeRequest:
@@ -34,6 +38,11 @@ class UpgradeRequest:
     is the parsed request head (``get(name)``, ``get_all(name)``, lower-case
     names); *query* maps each parameter to its list of values; *params* holds
     the route's placeholders; *identity* is what earlier policies set.
+
+    *channel* is the route's resolved broadcast channel (its template with
+    the placeholders filled in), None on other routes. *claims* maps what
+    earlier policies exposed about the client (see :class:`Allow`): a JWT
+    policy its token's verified claims, an apikey policy ``{"label": ...}``.
     """
 
     conn_id: str
@@ -46,6 +55,8 @@ class UpgradeRequest:
     params: dict
     headers: object
     identity: str = None
+    channel: str = None
+    claims: dict = field(default_factory=dict)
 
     def header(self, name):
         return self.headers.get(name.lower())
@@ -85,6 +96,12 @@ class Allow:
     those parameters (every occurrence) out of the query string it appends;
     headers a policy adds through *headers* are kept, so a policy may replace
     a credential. What every allowing policy of the chain strips is stripped.
+
+    *claims* (a mapping with string keys, values as in JSON) is what the
+    policy learnt about the client, for the policies after it: the chain
+    merges it into the request's ``claims`` (a later policy's value for a
+    name replaces an earlier one's), as it sets the request's ``identity``.
+    The ``channel`` policy reads both (``{identity}``, ``{claim:NAME}``).
     """
 
     identity: str = None
@@ -92,11 +109,27 @@ class Allow:
     session: object = None  # an IPolicySession, or None
     strip_headers: tuple = ()  # lower-case names of client headers kept from the upstream
     strip_query: tuple = ()  # query parameter names kept from the upstream
+    # {name: value} for the later policies, read-only; not part of the hash (a dict is
+    # not hashable), part of the equality
+    claims: object = field(default_factory=lambda: _NO_CLAIMS, hash=False)
 
     def __post_init__(self):
         object.__setattr__(self, "headers", header_pairs(self.headers))
+        object.__setattr__(self, "claims", _claims(self.claims))
         object.__setattr__(self, "strip_headers", _names(self.strip_headers, str.lower))
         object.__setattr__(self, "strip_query", _names(self.strip_query, str))
+
+
+def _claims(claims):
+    """*claims* (a mapping with string keys) as a read-only copy."""
+    if claims is _NO_CLAIMS:
+        return claims
+    if not hasattr(claims, "items"):
+        raise ValueError(f"expected a mapping of claims, got {claims!r}")
+    copy = dict(claims.items())
+    if not all(isinstance(name, str) for name in copy):
+        raise ValueError(f"expected claim names as strings, got {list(copy)!r}")
+    return MappingProxyType(copy) if copy else _NO_CLAIMS
 
 
 def _names(names, normalise):
@@ -155,10 +188,11 @@ DROP = "drop"
 
 @dataclass
 class ChainOutcome:
-    """What the chain leaves for the connection: identity, upstream headers, what of the
-    client's request the upstream must not see (see :class:`Allow`), sessions."""
+    """What the chain leaves for the connection: identity, claims, upstream headers, what
+    of the client's request the upstream must not see (see :class:`Allow`), sessions."""
 
     identity: str = None
+    claims: dict = field(default_factory=dict)
     headers: list = field(default_factory=list)
     sessions: list = field(default_factory=list)
     strip_headers: set = field(default_factory=set)  # lower-case header names
@@ -235,12 +269,17 @@ class PolicyChain:
                     if policy.mode == "shadow":
                         self._shadow_denied(policy, request, decision)
                         continue
-                    raise http.HttpRefusal(decision.status, policy.name, decision.message,
-                                           decision.headers, route=self.route_name,
-                                           policy=policy.name)
+                    refusal = http.HttpRefusal(decision.status, policy.name,
+                                               decision.message, decision.headers,
+                                               route=self.route_name, policy=policy.name)
+                    refusal.identity = request.identity  # who an earlier policy said it is
+                    raise refusal
                 elif decision is not None:
                     if decision.identity is not None:
                         outcome.identity = request.identity = decision.identity
+                    if decision.claims:
+                        outcome.claims = request.claims = {**request.claims,
+                                                           **decision.claims}
                     outcome.headers.extend(decision.headers)
                     outcome.strip_headers.update(decision.strip_headers)
                     outcome.strip_query.update(decision.strip_query)

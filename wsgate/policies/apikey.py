@@ -1,5 +1,9 @@
 """``type = apikey``: a static set of API keys; the key's label becomes the identity.
 
+The label is also exposed to the policies after it as the claim ``label``
+(:attr:`~wsgate.policies.Allow.claims`; ``{claim:label}`` in a ``channel``
+policy, the same as its ``{identity}`` unless a later policy sets another).
+
 Keys are stored as SHA-256 digests and a presented key is looked up by its
 digest, so the comparison never runs over the secret byte by byte (constant
 time with respect to the stored keys) and memory holds no plain keys.
@@ -49,10 +53,11 @@ class ApiKeyPolicy:
         label = self._labels.get(_digest(token))
         if label is None:
             return Deny(401, "Invalid API key", _CHALLENGE)
+        claims = {"label": label}
         if self.forward_key:
-            return Allow(identity=label)
+            return Allow(identity=label, claims=claims)
         return Allow(
-            identity=label,
+            identity=label, claims=claims,
             strip_headers=[name for name, value in (("authorization", bearer),
                                                     (self.header, header))
                            if _carries(value, token)],

@@ -7,6 +7,10 @@ It is checked with one of: ``secret`` (or ``secret_file``; HS*),
 (:mod:`wsgate.policies.jwks`), where the token's ``kid`` picks the key and
 the key its algorithm. The claims ``require`` names must be present (``exp``
 by default: a token that never expires is refused).
+
+The token's verified claims (all of them, as decoded) are exposed to the
+policies after it (:attr:`~wsgate.policies.Allow.claims`): a ``channel``
+policy's ``{claim:NAME}``.
 """
 
 import os
@@ -99,7 +103,7 @@ class JwtPolicy:
             return Deny(401, "Token has no identity claim", _challenge("invalid_token"))
         identity = str(identity)
         headers = ((self.forward_header, identity),) if self.forward_header else ()
-        return Allow(identity=identity, headers=headers)
+        return Allow(identity=identity, headers=headers, claims=claims)
 
 
 def _jwks_url(text):

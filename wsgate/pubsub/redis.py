@@ -16,10 +16,24 @@ and the first error) and ``wsgate.broker.up`` once both connections are back.
 
 Envelope (for publishers that write to Redis directly): a message is
 ``wsg1 <t|b> <origin node> <origin connection>\\n<payload>``; ``t`` is text,
-``b`` binary. A message without that header is delivered as text when it is
-valid UTF-8, else as binary.
+``b`` binary (``j``: a join/leave message for ``wsgate.v1.json`` clients). A
+message without that header is delivered as text when it is valid UTF-8,
+else as binary. A recorded message carries its position as a fifth field.
+
+History (channels whose route sets ``history``/``history_ttl``): a publish is
+one Lua script (:data:`PUBLISH_SCRIPT`) that appends the message to the
+channel's stream (``<prefix>hist:<channel>``, entry ID ``SEQ-1``, trimmed
+with ``MAXLEN ~ history`` and by age), counts it in ``<prefix>hmeta:<channel>``
+(``epoch``, ``seq``), bounds the number of channels with history
+(``<prefix>hist-channels``, ``max_history_channels``) and PUBLISHes it with its
+position, so that recording and delivery cannot part. It runs on the
+publishing connection (txredisapi's ``eval``), never the subscribing one. A
+plain PUBLISH by another program is delivered without a position; to record
+it, run the same script (documented in the README). Presence is
+:class:`wsgate.pubsub.presence.RedisPresence`.
 """
 
+import secrets
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -35,6 +49,14 @@ from zope.interface import implementer
 from wsgate import observe
 from wsgate.interfaces import IBroker
 from wsgate.pubsub import LocalFanout, Message
+from wsgate.pubsub.history import (
+    HISTORY_TTL_ONLY_MAX,
+    ChannelSettings,
+    Recovery,
+    format_position,
+    parse_position,
+)
+from wsgate.pubsub.presence import RedisPresence
 
 _log = Logger()
 _MAGIC = b"wsg1 "
@@ -44,11 +66,19 @@ class BrokerDown(Exception):
     """Redis is not reachable right now."""
 
 
-def encode(message):
-    kind = b"b" if message.is_binary else b"t"
+def envelope_head(message):
+    """``wsg1 <t|b|j> <node> <conn>``: the envelope without position or payload."""
+    kind = b"j" if message.control else b"b" if message.is_binary else b"t"
     node = (message.origin_node or "-").encode()
     conn = (message.origin_conn or "-").encode()
-    return _MAGIC + kind + b" " + node + b" " + conn + b"\n" + message.payload
+    return _MAGIC + kind + b" " + node + b" " + conn
+
+
+def encode(message):
+    head = envelope_head(message)
+    if message.pos:
+        head += b" " + message.pos.encode()
+    return head + b"\n" + message.payload
 
 
 def decode(data):
@@ -57,8 +87,10 @@ def decode(data):
     if data.startswith(_MAGIC):
         head, sep, payload = data.partition(b"\n")
         parts = head.split(b" ")
-        if sep and len(parts) == 4 and parts[1] in (b"t", b"b"):
-            return Message(payload, parts[1] == b"b", parts[2].decode(), parts[3].decode())
+        if sep and len(parts) in (4, 5) and parts[1] in (b"t", b"b", b"j"):
+            pos = parts[4].decode("ascii", "replace") if len(parts) == 5 else None
+            return Message(payload, parts[1] == b"b", parts[2].decode(), parts[3].decode(),
+                           pos, parts[1] == b"j")
     try:
         data.decode("utf-8")
         return Message(data, False)
@@ -199,6 +231,62 @@ def parse_url(url, timeout, password=None):
     }
 
 
+# KEYS: stream, meta, channels zset, pubsub channel.
+# ARGV: envelope head, payload, history (0: none), ttl ms (0: none), a new epoch,
+#       now ms, max_history_channels, channel name, key prefix.
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local now = tonumber(ARGV[6])
+local maxlen = tonumber(ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, seq .. '-1', 't', now, 'h', ARGV[1],
+           'p', ARGV[2])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  while true do
+    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+    if #first == 0 or tonumber(first[1][2][2]) >= now - ttl then break end
+    redis.call('XDEL', KEYS[1], first[1][1])
+  end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+redis.call('ZADD', KEYS[3], now, ARGV[8])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7])
+if over > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[3], over)
+  for i = 1, #old, 2 do
+    if old[i] ~= ARGV[8] then
+      redis.call('DEL', ARGV[9] .. 'hist:' .. old[i], ARGV[9] .. 'hmeta:' .. old[i])
+    end
+  end
+end
+local pos = epoch .. ':' .. seq
+local receivers = redis.call('PUBLISH', KEYS[4], ARGV[1] .. ' ' .. pos .. '\\n' .. ARGV[2])
+return {receivers, pos}
+"""
+
+# KEYS: stream, meta. ARGV: first ID to read, a new epoch, ttl ms (0: none).
+# The channel's epoch is made here too, so that a subscriber's position exists
+# before the first publish.
+READ_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+  if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+end
+local seq = redis.call('HGET', KEYS[2], 'seq') or '0'
+local entries = {}
+if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+') end
+return {epoch, seq, entries}
+"""
+
+
 @implementer(IBroker)
 class RedisBroker(MultiService):
     """See the module docstring. A service: start it to connect."""
@@ -232,6 +320,21 @@ class RedisBroker(MultiService):
             prepareConnection=_when_ready(self._publisher_ready))
         self._sub_service.setServiceParent(self)
         self._pub_service.setServiceParent(self)
+        self.channel_settings = ChannelSettings()
+        self.presence = RedisPresence(self, reactor, settings.presence_ttl)
+        self._subscribing = {}  # channel → the SUBSCRIBE under way
+
+    def configure(self, channel_settings):
+        """Which channels keep history (the config in force; SIGHUP changes it)."""
+        self.channel_settings = channel_settings
+
+    def startService(self):
+        super().startService()
+        self.presence.start()
+
+    def stopService(self):
+        self.presence.stop()
+        return super().stopService()
 
     @property
     def state(self):
@@ -283,6 +386,23 @@ class RedisBroker(MultiService):
         if self.local.add(channel, subscriber) and self._sub is not None:
             d = self._sub.subscribe([self.prefix + channel.encode()])
             d.addErrback(self._log_failure, "SUBSCRIBE", channel)
+            self._subscribing[channel] = d
+
+            def done(result):
+                if self._subscribing.get(channel) is d:
+                    del self._subscribing[channel]
+                return result
+            d.addBoth(done)
+
+    def ready(self, channel):
+        """A Deferred that fires once Redis confirmed the subscription of *channel* (at
+        once when it did already): a history read after it misses nothing."""
+        pending = self._subscribing.get(channel)
+        if pending is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        pending.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
 
     def unsubscribe(self, channel, subscriber):
         if self.local.remove(channel, subscriber) and self._sub is not None:
@@ -294,11 +414,78 @@ class RedisBroker(MultiService):
             protocol = self.command()
         except BrokerDown as e:
             return defer.fail(e)
-        d = protocol.publish(self.prefix + channel.encode(), encode(message))
+        policy = self.channel_settings(channel)
+        if message.control or not policy.keeps_history:
+            return protocol.publish(self.prefix + channel.encode(),
+                                    encode(message)).addCallback(int)
+        keys = self._history_keys(channel) + [self.prefix + b"hist-channels",
+                                              self.prefix + channel.encode()]
+        args = [envelope_head(message), message.payload,
+                policy.history or HISTORY_TTL_ONLY_MAX, int(policy.history_ttl * 1000),
+                secrets.token_hex(4), int(self.reactor.seconds() * 1000),
+                self.channel_settings.max_history_channels, channel.encode(), self.prefix]
+        d = protocol.eval(PUBLISH_SCRIPT, keys, args)
+        return d.addCallback(lambda result: int(result[0]))
 
-        def failed(failure):
-            return failure
-        return d.addCallback(int).addErrback(failed)
+    def _history_keys(self, channel):
+        name = channel.encode()
+        return [self.prefix + b"hist:" + name, self.prefix + b"hmeta:" + name]
+
+    def position(self, channel):
+        """A Deferred: the channel's current position (None: it keeps no history)."""
+        return self.recover(channel, None, 0, read=False).addCallback(
+            lambda recovery: recovery.position)
+
+    def recover(self, channel, since, limit=0, read=True):
+        """A Deferred :class:`wsgate.pubsub.history.Recovery` of what followed *since*
+        (``None``: everything kept); fails while Redis is down."""
+        policy = self.channel_settings(channel)
+        if not policy.keeps_history:
+            return defer.succeed(Recovery(None, False))
+        try:
+            protocol = self.command()
+        except BrokerDown as e:
+            return defer.fail(e)
+        parsed = parse_position(since) if since is not None else None
+        if since is not None and parsed is None:
+            first = ""  # not a position: nothing to read, recovery fails
+        elif not read:
+            first = ""
+        else:
+            first = f"{parsed[1] + 1 if parsed else 0}-0"
+        ttl_ms = int(policy.history_ttl * 1000)
+        d = protocol.eval(READ_SCRIPT, self._history_keys(channel),
+                          [first, secrets.token_hex(4), ttl_ms])
+        return d.addCallback(self._recovery, policy, since, parsed, limit, read)
+
+    def _recovery(self, result, policy, since, parsed, limit, read):
+        epoch, last = _text(result[0]), int(result[1])
+        position = format_position(epoch, last)
+        if not read:
+            return Recovery(position, True)
+        if since is not None and (parsed is None or parsed[0] != epoch or parsed[1] > last):
+            return Recovery(position, False)
+        cutoff = (self.reactor.seconds() - policy.history_ttl) * 1000 \
+            if policy.history_ttl else None
+        entries = []
+        for entry_id, fields in result[2] or ():
+            values = dict(zip(fields[::2], fields[1::2]))
+            if cutoff is not None and int(values[b"t"]) < cutoff:
+                continue
+            seq = int(_text(entry_id).split("-", 1)[0])
+            head = values[b"h"].split(b" ")
+            message = Message(values[b"p"], head[1] == b"b", _text(head[2]), _text(head[3]),
+                              format_position(epoch, seq))
+            entries.append((seq, message))
+        if policy.history and len(entries) > policy.history:  # MAXLEN ~ keeps a few more
+            entries = entries[-policy.history:]
+        start = parsed[1] if parsed else 0
+        first = entries[0][0] if entries else last + 1
+        if since is not None and start < last and first != start + 1:
+            return Recovery(position, False)  # what followed *since* is gone
+        if limit:
+            entries = entries[:limit]
+        return Recovery(position, True, tuple((m.pos, m) for _, m in entries))
 
     def _received(self, pattern, channel, data):
         if isinstance(channel, str):
@@ -312,3 +499,7 @@ class RedisBroker(MultiService):
     def _log_failure(failure, command, channel):
         _log.warn("wsgate: redis {command} {channel} failed: {why} (retried on reconnect)",
                   command=command, channel=channel, why=failure.getErrorMessage())
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -3,18 +3,33 @@
 Every connection is a :class:`BroadcastSubscriber` of its channel on the
 process's broker (:mod:`wsgate.pubsub`): what the broker delivers is sent
 to the client, and what the client sends is published (``client_publish``).
+
+A client that negotiates the subprotocol ``wsgate.v1.json`` gets positions:
+first ``{"type": "subscribed", "pos": ...}``, then each delivery as
+``{"pos", "data"}`` (``"b64"`` for binary), and with ``?since=POS`` every
+message after POS from the channel's history before the live ones, with no
+gap and no duplicate: the subscriber subscribes first and holds live
+deliveries back, reads the history (after the broker confirmed the
+subscription), sends it, then sends the held deliveries it did not send
+yet. A position the history cannot serve gets ``{"type": "recovery_failed"}``.
+Plain clients receive raw messages exactly as without history.
 """
 
 from collections import deque
+from urllib.parse import parse_qs
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+import json
+
 from wsgate import units
 from wsgate.fastpath_autobahn import FastTerminatedProtocol
 from wsgate.interfaces import ISubscriber, IWebSocketApp
-from wsgate.pubsub import Message
+from wsgate.pubsub import Message, json_delivery
+from wsgate.pubsub.history import ChannelPolicy, parse_position
+from wsgate.pubsub.presence import member
 from wsgate.settings import SettingError
 from wsgate.units import fill_template, placeholders
 from wsgate.targets import TargetType
@@ -24,6 +39,11 @@ _log = Logger()
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+SUBPROTOCOL = "wsgate.v1.json"
+
+
+def _json(body):
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @implementer(ISubscriber, IPushProducer, IWebSocketApp)
@@ -45,7 +65,11 @@ class BroadcastSubscriber:
     connection is open, so nothing follows a close frame.
     """
 
-    def __init__(self, broker, channel, target, node_id, stats, route, flusher=None):
+    wants_json = False  # negotiated wsgate.v1.json: JSON deliveries with positions
+    catching_up = None  # while the history is read: the live deliveries held back
+
+    def __init__(self, broker, channel, target, node_id, stats, route, flusher=None,
+                 since=None):
         # target: the route's BroadcastTarget (client_publish, include_sender,
         # max_send_buffer, slow_consumer); flusher: the gateway's IterationFlusher
         # when deliveries are coalesced (fast_paths), else None
@@ -64,6 +88,15 @@ class BroadcastSubscriber:
         self.pending_bytes = 0
         self.may_be_direct = False
         self.direct = False
+        self.since = since  # ?since=POS (honoured with wsgate.v1.json)
+        self.joined = False  # presence
+
+    def choose_subprotocol(self, offered):
+        """The subprotocol of the 101: ``wsgate.v1.json`` when offered, else none."""
+        if SUBPROTOCOL in offered:
+            self.wants_json = True
+            return SUBPROTOCOL
+        return None
 
     @property
     def max_send_buffer(self):
@@ -76,9 +109,104 @@ class BroadcastSubscriber:
             self.flusher is not None and isinstance(protocol, FastTerminatedProtocol)
             and not protocol.policy_sessions and not protocol.log_messages
             and protocol._perMessageCompress is None)
-        self.direct = self.may_be_direct
         protocol.send_buffer.listener = self  # told when the client's socket is full
+        if self.wants_json:
+            self.catching_up = []
+        self.direct = self.may_be_direct and self.catching_up is None
         self.broker.subscribe(self.channel, self)
+        policy = self.target.policy
+        if policy.presence:
+            connection = protocol.connection
+            presence = getattr(self.broker, "presence", None)
+            if presence is not None:
+                presence.join(self.channel, member(self.conn_id, connection.identity,
+                                                   self.node_id, connection.since))
+                self.joined = True
+        if policy.join_leave:
+            self._announce("join")
+        if self.wants_json:
+            ready = getattr(self.broker, "ready", None)
+            d = ready(self.channel) if ready is not None else None
+            if d is None:
+                self._read_history(None)
+            else:
+                d.addBoth(self._read_history)
+
+    def _announce(self, what):
+        identity = self.protocol.connection.identity
+        message = Message(_json({"type": what, "id": self.conn_id, "identity": identity}),
+                          False, self.node_id, self.conn_id, control=True)
+        self.broker.publish(self.channel, message).addErrback(lambda failure: None)
+
+    # -- wsgate.v1.json: the position, then the history, then live deliveries
+
+    def _read_history(self, _):
+        if self.protocol is None or self.catching_up is None:
+            return
+        if self.since is not None:
+            d = self.broker.recover(self.channel, self.since)
+        else:
+            d = self.broker.position(self.channel)
+        d.addCallbacks(self._with_members, self._history_failed)
+
+    def _with_members(self, result):
+        """With ``presence``, the ``subscribed`` message lists the channel's members too
+        (so a client knows who is online when it joins); a failed read lists none."""
+        if not self.target.policy.presence or getattr(self.broker, "presence", None) is None:
+            self._caught_up(result)
+            return
+        d = self.broker.presence.members(self.channel)
+        d.addErrback(lambda failure: None)
+        d.addCallback(lambda members: self._caught_up(result, members))
+
+    def _caught_up(self, result, members=None):
+        held = self.catching_up
+        if held is None or self.protocol.state != self.protocol.STATE_OPEN:
+            return
+        position = result if self.since is None else result.position
+        subscribed = {"type": "subscribed", "pos": position}
+        if members is not None:
+            subscribed["members"] = members
+        self.protocol.send(_json(subscribed), False)
+        parsed = parse_position(position)
+        epoch, last = parsed if parsed else (None, 0)
+        if self.since is not None:
+            if result.ok:
+                for _, message in result.entries:
+                    self._send_json(message)
+                last = parse_position(result.entries[-1][0])[1] if result.entries else \
+                    parse_position(self.since)[1]
+            else:
+                self.protocol.send(_json({"type": "recovery_failed"}), False)
+        self._release(held, epoch, last)
+
+    def _history_failed(self, failure):
+        held = self.catching_up
+        if held is None or self.protocol.state != self.protocol.STATE_OPEN:
+            return
+        _log.warn("wsgate: history of {channel} unavailable: {error}", channel=self.channel,
+                  error=failure.getErrorMessage())
+        self.stats.drop(self.route, "history_unavailable")
+        self.protocol.send(_json({"type": "subscribed", "pos": None}), False)
+        if self.since is not None:
+            self.protocol.send(_json({"type": "recovery_failed"}), False)
+        self._release(held, None, 0)
+
+    def _release(self, held, epoch, last):
+        """Send the deliveries held back during the catch-up that come after *last*
+        (positions of another epoch, or none, always go), then go live."""
+        self.catching_up = None
+        for message, prepared in held:
+            parsed = parse_position(message.pos)
+            if parsed is not None and parsed[0] == epoch and parsed[1] <= last:
+                continue  # sent from the history, or before the client's position
+            self.deliver(message, prepared)
+        self.direct = self.may_be_direct and not self.paused and not self.queue
+
+    def _send_json(self, message):
+        if message.origin_conn == self.conn_id and not self.target.include_sender:
+            return
+        self.protocol.send(json_delivery(message), False)
 
     def message(self, protocol, payload, is_binary):
         if not self.target.client_publish:
@@ -103,14 +231,18 @@ class BroadcastSubscriber:
             self.pending.append(prepared.payloadHybi)
             self.pending_bytes += len(message.payload)
             return
+        if self.catching_up is not None:
+            self.catching_up.append((message, prepared))
+            return
         size = len(message.payload)
+        is_binary = message.is_binary and not self.wants_json
         if not self.paused and not self.queue:
-            self.protocol.send_prepared(prepared, size, message.is_binary)
+            self.protocol.send_prepared(prepared, size, is_binary)
             return
         if self.queued_bytes + size > self.target.max_send_buffer:
             self._too_slow()
             return
-        self.queue.append((prepared, size, message.is_binary))
+        self.queue.append((prepared, size, is_binary))
         self.queued_bytes += size
 
     def enqueue(self, frame, size):
@@ -170,20 +302,27 @@ class BroadcastSubscriber:
 
     def closed(self, protocol):
         self.broker.unsubscribe(self.channel, self)
+        self.catching_up = None
         self.stopProducing()
+        if self.joined:
+            self.joined = False
+            self.broker.presence.leave(self.channel, self.conn_id)
+        if self.target.policy.join_leave and self.protocol is not None:
+            self._announce("leave")
 
 
 class BroadcastTarget(ApplicationTarget):
     """The channel template and the subscribers' settings of one broadcast route."""
 
     def __init__(self, channel, client_publish=True, include_sender=False,
-                 max_send_buffer=1024 * 1024, slow_consumer="drop"):
+                 max_send_buffer=1024 * 1024, slow_consumer="drop", policy=None):
         super().__init__("broadcast", f"broadcast {channel}", self._subscriber,
                          needs_shared_broker=True, max_send_buffer=max_send_buffer)
         self.channel = channel
         self.client_publish = client_publish
         self.include_sender = include_sender
         self.slow_consumer = slow_consumer
+        self.policy = policy or ChannelPolicy()  # history, presence, join_leave
 
     def channel_for(self, params):
         """The channel of a request whose path placeholders are *params*."""
@@ -191,9 +330,14 @@ class BroadcastTarget(ApplicationTarget):
 
     def _subscriber(self, request):
         gateway = request.gateway
+        since = None
+        if request.head.query:
+            values = parse_qs(request.head.query).get("since")
+            since = values[0] if values else None
         return BroadcastSubscriber(
             gateway.broker, self.channel_for(request.match.params), self, gateway.node_id,
-            gateway.stats, request.route.name, flusher=gateway.flusher if request.fast else None)
+            gateway.stats, request.route.name, flusher=gateway.flusher if request.fast else None,
+            since=since)
 
 
 def build(route, settings, context):
@@ -208,8 +352,14 @@ def build(route, settings, context):
         include_sender=settings.get("include_sender", units.parse_bool, False),
         max_send_buffer=settings.get("max_send_buffer", units.parse_size, 1024 * 1024),
         slow_consumer=settings.get("slow_consumer", units.choice("drop", "close"), "drop"),
+        policy=ChannelPolicy(
+            history=settings.get("history", units.bounded_int(0, 1_000_000), 0),
+            history_ttl=settings.get("history_ttl", units.parse_duration, 0.0),
+            presence=settings.get("presence", units.parse_bool, False),
+            join_leave=settings.get("join_leave", units.parse_bool, False)),
     )
 
 
 broadcast = TargetType("broadcast", ("broadcast", "client_publish", "include_sender",
-                                     "max_send_buffer", "slow_consumer"), build)
+                                     "max_send_buffer", "slow_consumer", "history",
+                                     "history_ttl", "presence", "join_leave"), build)

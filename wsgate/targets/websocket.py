@@ -134,7 +134,10 @@ class TerminatedProtocol(WebSocketServerProtocol):
     # -- handshake: the gateway already decided; Autobahn only completes it.
 
     def onConnect(self, request):
-        return None
+        """The subprotocol of the 101: the app's choice among the client's offers (an app
+        with ``choose_subprotocol``), else none."""
+        choose = getattr(self.app, "choose_subprotocol", None)
+        return choose(request.protocols) if choose is not None else None
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         """Autobahn found the request invalid: answer without its exception text."""
