@@ -5,7 +5,8 @@ process's broker (:mod:`wsgate.pubsub`): what the broker delivers is sent
 to the client, and what the client sends is published (``client_publish``).
 
 A client that negotiates the subprotocol ``wsgate.v1.json`` gets positions:
-first ``{"type": "subscribed", "pos": ...}``, then each delivery as
+first ``{"type": "subscribed", "pos": ..., "id": its connection id}`` (and
+``"members"`` with presence), then each delivery as
 ``{"pos", "data"}`` (``"b64"`` for binary), and with ``?since=POS`` every
 message after POS from the channel's history before the live ones, with no
 gap and no duplicate: the subscriber subscribes first and holds live
@@ -164,7 +165,7 @@ class BroadcastSubscriber:
         if held is None or self.protocol.state != self.protocol.STATE_OPEN:
             return
         position = result if self.since is None else result.position
-        subscribed = {"type": "subscribed", "pos": position}
+        subscribed = {"type": "subscribed", "pos": position, "id": self.conn_id}
         if members is not None:
             subscribed["members"] = members
         self.protocol.send(_json(subscribed), False)
@@ -187,7 +188,8 @@ class BroadcastSubscriber:
         _log.warn("wsgate: history of {channel} unavailable: {error}", channel=self.channel,
                   error=failure.getErrorMessage())
         self.stats.drop(self.route, "history_unavailable")
-        self.protocol.send(_json({"type": "subscribed", "pos": None}), False)
+        self.protocol.send(_json({"type": "subscribed", "pos": None, "id": self.conn_id}),
+                           False)
         if self.since is not None:
             self.protocol.send(_json({"type": "recovery_failed"}), False)
         self._release(held, None, 0)
