@@ -47,9 +47,22 @@ def movable(server: Any) -> list[Any]:
     return leases
 
 
+def _youngest(server: Any) -> Any:
+    """``movable(server)[0]`` without sorting them all (one pass)."""
+    best, since = None, None
+    for lease in server.leases:
+        connection = lease.connection
+        if lease.moving or connection is None or connection.protocol is None:
+            continue
+        if since is None or connection.since > since:
+            best, since = lease, connection.since
+    return best
+
+
 def move(lease: Any, reason: str) -> None:
     """Close *lease*'s connection with 1012 (its upstream 1001); count it by *reason*."""
     lease.moving = True
+    lease.server.moving += 1
     lease.server.moved[reason] += 1
     protocol = lease.connection.protocol
     protocol.close_with(RESTART_CODE, RESTART_REASON, UPSTREAM_CODE, UPSTREAM_REASON)
@@ -150,7 +163,7 @@ def to_shed(pool: Any, now: float) -> Any:
     # every connection the pool placed counts, handshakes under way included (least_conn
     # places by them): counting only the relaying ones would see a server whose 101s are
     # still coming as short, and shed the others' youngest connections for nothing
-    counts = {s.key: sum(1 for lease in s.leases if not lease.moving) for s in servers}
+    counts = {s.key: len(s.leases) - s.moving for s in servers}
     total = sum(counts.values())
     worst, worst_excess, short = None, 0.0, False
     for server in servers:
@@ -164,18 +177,27 @@ def to_shed(pool: Any, now: float) -> Any:
         return None
     share = total * weights[worst.key] / total_weight
     if worst_excess > _tolerance(share) or short:
-        candidates = movable(worst)
-        return candidates[0] if candidates else None  # all of them still handshaking
+        return _youngest(worst)  # None: all of them still handshaking
     return None
 
 
 def _misplaced(pool: Any, servers: list[Any]) -> Any:
-    """A relayed connection whose key's server (among the up ones) is another server."""
+    """A relayed connection whose key's server (among the up ones) is another server.
+
+    New connections are placed by the same hash, so once no connection is
+    misplaced none becomes so until the up servers change: the pool's
+    ``counters.settled`` remembers the set that was found in order, and the
+    connections are not looked at again until it changes.
+    """
+    members = tuple(sorted((s.key, s.weight) for s in servers))
+    if pool.counters.settled == members:
+        return None
     owners: dict[str, str] = {}
     for server in servers:
-        for lease in movable(server):
+        for lease in server.leases:
             value = lease.hash_value
-            if value is None:
+            if value is None or lease.moving or lease.connection is None or \
+                    lease.connection.protocol is None:
                 continue
             owner = owners.get(value)
             if owner is None:
@@ -183,6 +205,8 @@ def _misplaced(pool: Any, servers: list[Any]) -> Any:
                     value, servers, lambda s: s.key, lambda s: s.weight)[0].key
             if owner != server.key:
                 return lease
+    if not any(_handshaking(server) for server in servers):
+        pool.counters.settled = members
     return None
 
 

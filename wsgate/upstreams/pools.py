@@ -50,7 +50,11 @@ class Lease:
         server.leases.add(self)
 
     def release(self) -> None:
-        self.server.leases.discard(self)
+        server = self.server
+        if self in server.leases:
+            server.leases.discard(self)
+            if self.moving:
+                server.moving -= 1
 
 
 class Server:
@@ -61,6 +65,7 @@ class Server:
         self.spec = spec
         self.key = spec.key
         self.leases: set[Lease] = set()
+        self.moving = 0  # leases closed by a drain or rebalance, not yet released
         self.joined_at = joined_at  # slow start counts from here
         self.removed = False  # no longer in the config; kept while it carries connections
         # passive health
@@ -241,6 +246,7 @@ class PoolCounters:
         self.turn = 0  # least_conn's tie breaker
         self.current: dict[str, float] = {}  # smooth round robin, by server key
         self.connect_seconds = Histogram()  # (result,): one observation per try
+        self.settled: tuple[tuple[str, int], ...] | None = None  # hash rebalancing's
 
 
 class Upstreams(service.Service):
