@@ -96,3 +96,20 @@ def test_wsgate_modules_import_one_way_without_a_cycle():
 
 def test_nothing_imports_the_twistd_entry_point():
     assert [m for m, deps in graph().items() if "wsgate.tap" in deps] == []
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists every package of wsgate: a package left out works from the source
+    tree (and in tests run with PYTHONPATH) but is missing from `pip install .`, the
+    Debian package and `make run`."""
+    import configparser
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(root, "setup.cfg"))
+    listed = set(setup["options"]["packages"].split())
+    found = set()
+    for folder, _, files in os.walk(os.path.join(root, "wsgate")):
+        if "__init__.py" in files:
+            found.add(os.path.relpath(folder, root).replace(os.sep, "."))
+    assert found - listed == set(), "add these to setup.cfg [options] packages"
