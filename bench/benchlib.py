@@ -266,6 +266,25 @@ max_message_size = 16MiB
 """
 
 
+# The pool scenario's gateway routes (after WSGATE_BASE): an [upstream:NAME] pool of
+# servers and a route proxying to it (tests/test_bench_configs.py loads it too)
+POOL_ROUTES = """\
+[upstream:bench]
+servers = {servers}
+balance = {balance}
+
+[route:pool]
+path = /pool
+upstream = @bench
+"""
+
+
+def pool_routes(ports, balance="least_conn"):
+    """POOL_ROUTES for Node ws echo upstreams on *ports* (127.0.0.1, path /echo)."""
+    return POOL_ROUTES.format(
+        servers=", ".join(f"ws://127.0.0.1:{port}/echo" for port in ports), balance=balance)
+
+
 def start_wsgate(name, routes, ping_interval="0", wsgate_extra="", core=SERVER_CORE, timeout=30):
     """``twistd -n wsgate`` on a generated config (port 0, JSON logs to its log file)."""
     path = os.path.join(Proc.workdir, f"{name}.ini")
@@ -336,10 +355,10 @@ http {{
         default upgrade;
         ''      close;
     }}
-    server {{
+{upstream_block}    server {{
         listen 127.0.0.1:{port};
         location / {{
-            proxy_pass http://127.0.0.1:{upstream};
+            proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
@@ -353,17 +372,53 @@ http {{
 """
 
 
-def start_nginx(name, upstream_port, nofile, core=SERVER_CORE, extra=""):
-    """Debian's nginx as a WebSocket reverse proxy: own config, loopback port, no daemon."""
+# nginx's directive for each balance of a wsgate pool ([upstream:NAME] balance =);
+# nginx's default is round robin
+NGINX_BALANCE = {"round_robin": "", "least_conn": "least_conn;", "random": "random;"}
+
+
+def nginx_upstream(upstream_port, balance=None):
+    """(``upstream`` block, proxy_pass target) for one port or a list of ports.
+
+    One port proxies to it directly, as the proxy scenario always has; a list
+    becomes an ``upstream bench_pool`` block with *balance*'s directive.
+    """
+    if isinstance(upstream_port, int):
+        if balance is not None:
+            raise ValueError("balance needs a list of upstream ports")
+        return "", f"127.0.0.1:{upstream_port}"
+    ports = list(upstream_port)
+    if not ports:
+        raise ValueError("no upstream ports")
+    balance = balance or "round_robin"
+    if balance not in NGINX_BALANCE:
+        raise ValueError(f"balance {balance!r}: nginx has no equivalent here "
+                         f"({', '.join(NGINX_BALANCE)})")
+    lines = ["    upstream bench_pool {"]
+    if NGINX_BALANCE[balance]:
+        lines.append(f"        {NGINX_BALANCE[balance]}")
+    lines += [f"        server 127.0.0.1:{port};" for port in ports]
+    lines.append("    }")
+    return "\n".join(lines) + "\n", "bench_pool"
+
+
+def start_nginx(name, upstream_port, nofile, core=SERVER_CORE, extra="", balance=None):
+    """Debian's nginx as a WebSocket reverse proxy: own config, loopback port, no daemon.
+
+    *upstream_port* is one port (``proxy_pass`` to it) or a list of ports (an
+    ``upstream`` block of them, balanced by *balance*: round_robin, least_conn, random).
+    """
     if not os.path.exists(NGINX):
         raise PeerFailed("nginx is not installed (bench/setup.sh installs it)")
+    upstream_block, target = nginx_upstream(upstream_port, balance)
     directory = Proc.workdir
     os.makedirs(os.path.join(directory, "nginx-tmp"), exist_ok=True)
     for attempt in range(5):  # a probed port may be taken meanwhile
         port = free_port()
         conf = os.path.join(directory, f"{name}.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(dir=directory, port=port, upstream=upstream_port,
+            f.write(NGINX_CONF.format(dir=directory, port=port, upstream=target,
+                                      upstream_block=upstream_block,
                                       nofile=nofile, connections=max(1024, nofile - 100),
                                       extra=extra))
         proc = Proc(name, [NGINX, "-e", os.path.join(directory, "nginx-error.log"), "-p", directory,

@@ -15,6 +15,10 @@
 //              the server to close, repeat.
 //   idle       N `ws` connections (they answer pings), then hold until stdin says
 //              "close" (or hold_max seconds), then close.
+//   recover    N `ws` clients of the wsgate.v1.json subprotocol note their position and
+//              leave; one publisher sends M messages; then all N reconnect at once with
+//              ?since=<their position>: the time and server CPU until every client has
+//              recovered all M (a broadcast route with history >= M).
 //
 // The generator reads the server's CPU time (utime + stime from /proc/PID/stat of
 // options.server_pids, and options.other_pids separately) itself, at the exact start
@@ -419,9 +423,78 @@ async function idle() {
   return { connections: conns.length, failed, closed_by_server: closed, still_open: stillOpen, pings };
 }
 
+// ------------------------------------------------------------------ recover
+
+function openJson(url, i, onMessage) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, ['wsgate.v1.json'], { perMessageDeflate: false,
+                                                          handshakeTimeout: 30000 });
+    ws.once('error', reject);
+    ws.once('unexpected-response', (req, res) => reject(new Error(`HTTP ${res.statusCode}`)));
+    ws.on('message', (data) => onMessage(JSON.parse(data.toString())));
+    ws.once('open', () => { ws.removeListener('error', reject); ws.on('error', () => {}); resolve(ws); });
+  });
+}
+
+async function recover() {
+  const n = opts.clients, m = opts.messages;
+  const since = new Array(n);
+  const first = new Array(n);
+  await pool(n, 100, async (i) => {
+    await new Promise((resolve, reject) => {
+      openJson(opts.url, i, (msg) => {
+        if (msg.type === 'subscribed') { since[i] = msg.pos; resolve(); }
+      }).then((ws) => { first[i] = ws; }, reject);
+    });
+  });
+  for (const ws of first) ws.terminate();
+  await sleep(500);
+  const pub = await openWs(opts.url, n, opts.headers);
+  for (let k = 0; k < m; k++) pub.send(`missed ${k}`);
+  // the publisher's last message is recorded once a fresh client's position covers it
+  const deadline = performance.now() + 30000;
+  let recorded = false;
+  while (!recorded && performance.now() < deadline) {
+    await new Promise((resolve) => {
+      openJson(opts.url, n + 1, (msg) => {
+        if (msg.type === 'subscribed') {
+          const [, seq] = msg.pos.split(':');
+          recorded = Number(seq) >= Number(since[0].split(':')[1]) + m;
+          resolve();
+        }
+      }).then((ws) => setTimeout(() => ws.terminate(), 10), resolve);
+    });
+    if (!recorded) await sleep(50);
+  }
+  const got = new Uint32Array(n);
+  let complete = 0, failed = 0, recoveredAll = 0, dupes = 0;
+  let done;
+  const allDone = new Promise((resolve) => { done = resolve; });
+  const a = snapshot();
+  const conns = new Array(n);
+  await Promise.all(Array.from({ length: n }, (_, i) => openJson(
+    `${opts.url}?since=${encodeURIComponent(since[i])}`, i, (msg) => {
+      if (msg.type === 'recovery_failed') { failed++; complete++; if (complete === n) done(); return; }
+      if (msg.type || msg.data === undefined) return;
+      got[i]++;
+      if (got[i] === m) { recoveredAll++; complete++; if (complete === n) done(); }
+      if (got[i] > m) dupes++;
+    }).then((ws) => { conns[i] = ws; }, () => { failed++; complete++; if (complete === n) done(); })));
+  const timeout = new Promise((resolve) => setTimeout(resolve, (opts.timeout || 120) * 1000));
+  await Promise.race([allDone, timeout]);
+  const b = snapshot();
+  const w = window(a, b);
+  for (const ws of conns) if (ws) ws.terminate();
+  pub.terminate();
+  let delivered = 0;
+  for (const x of got) delivered += x;
+  return { clients: n, messages: m, recorded, recovered_all: recoveredAll, failed, dupes,
+           delivered, ...w };
+}
+
 // ------------------------------------------------------------------ main
 
-const modes = { rr, fanout, handshake, idle };
+const modes = { rr, fanout, handshake, idle, recover };
 const deadline = setTimeout(() => { emit({ error: 'generator deadline reached' }); process.exit(3); },
   (opts.max_seconds || 600) * 1000);
 modes[opts.mode]().then((result) => {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """wsgate's benchmark suite: every scenario compares wsgate with its peers in one run.
 
-usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake,workers]
+usage: bench/run.py [--quick] [--only echo,proxy,pool,fanout,idle,handshake,workers]
                     [--compare-fast-paths] [--repeat N] [--no-setup]
        bench/idle_100k.py                 (manual: 100k idle connections over workers)
 
@@ -11,6 +11,11 @@ usage: bench/run.py [--quick] [--only echo,proxy,fanout,idle,handshake,workers]
              route vs bare Twisted+Autobahn, Python websockets, Node ws
   proxy      100 connections x 64 B and 16 KiB through wsgate's proxy route, nginx, a
              naive two-leg Autobahn relay, and directly, to one Node ws echo upstream
+  pool       100 connections x 64 B and 16 KiB through wsgate's proxy route to a pool of
+             three Node ws echo upstreams (balance = least_conn) vs nginx's upstream
+             block of the same three (least_conn;), next to wsgate and nginx to one of
+             them; and handshakes/s (new connection each, closed after the 101) through
+             the pool vs through the single upstream (and the same through nginx)
   fanout     1k and 10k subscribers of one channel, one publisher at a paced rate
              (one message at a time, or bursts of 10 written at once):
              wsgate (in-memory broker and via Redis), a naive sendMessage loop, Node ws
@@ -54,7 +59,7 @@ import benchlib as B  # noqa: E402
 import report  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-DEFAULT_SCENARIOS = ["echo", "proxy", "fanout", "idle", "handshake", "workers"]
+DEFAULT_SCENARIOS = ["echo", "proxy", "pool", "fanout", "idle", "handshake", "workers"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS
 KEY = "bench-key-1"
 
@@ -73,6 +78,7 @@ def plan(args):
             "repeat": 1, "warmup": 0.5, "duration": 2.0,
             "echo": [(100, 64), (100, 16384), (1000, 64)],
             "proxy": [(100, 64), (100, 16384)],
+            "pool": [(100, 64), (100, 16384)],
             "fanout": [(1000, 60, 20)],              # subscribers, messages, messages/s
             "idle_connections": 2000, "idle_hold": 3.0,
             "handshake_duration": 2.0, "handshake_concurrency": 32,
@@ -82,6 +88,7 @@ def plan(args):
             "repeat": 2, "warmup": 1.0, "duration": 5.0,
             "echo": [(c, s) for c in (1, 100, 1000) for s in (64, 16384)],
             "proxy": [(100, 64), (100, 16384)],
+            "pool": [(100, 64), (100, 16384)],
             # 20k deliveries/s: no peer is saturated, so latency is delivery, not queueing;
             # 100k deliveries/s: the slower peers saturate (and then batch their writes)
             # bursts of 10 messages (one publisher write) at the same mean rates: what
@@ -175,7 +182,8 @@ def wsgate_variants(args):
     return variants
 
 
-def measure_rr(args, p, results, scenario, name, peer, config, other=(), core=B.CLIENT_CORE):
+def measure_rr(args, p, results, scenario, name, peer, config, other=(), core=B.CLIENT_CORE,
+               path="/echo"):
     """One request/response measurement of *peer* (echo, proxy, workers); None on failure.
 
     Adds ``server_us`` (server CPU per round trip; None for a peer without a
@@ -183,7 +191,7 @@ def measure_rr(args, p, results, scenario, name, peer, config, other=(), core=B.
     """
     try:
         r = B.generate(f"gen-{scenario}-{name}", {
-            "mode": "rr", "url": peer.url("/echo"), "connections": config["connections"],
+            "mode": "rr", "url": peer.url(path), "connections": config["connections"],
             "size": config["size"], "warmup": p["warmup"], "duration": p["duration"],
             "client": args.client,
         }, server=peer.proc, other=other, timeout=p["warmup"] + p["duration"] + 90, core=core)
@@ -259,6 +267,116 @@ def scenario_proxy(args, p, results):
             if peer.proc is not None:
                 peer.stop()
         upstream.stop()
+
+
+POOL_SIZE = 3
+POOL_BALANCE = "least_conn"
+
+
+def cpu_split(upstreams, before):
+    """Each upstream's share of the upstreams' CPU since *before* (a list of CPU seconds)."""
+    spent = [max(0.0, u.proc.cpu_seconds() - b) for u, b in zip(upstreams, before)]
+    total = sum(spent)
+    return [round(x / total, 3) for x in spent] if total > 0 else None
+
+
+def fmt_split(split):
+    return "/".join(f"{x * 100:.0f}" for x in split) + "%" if split else "–"
+
+
+def scenario_pool(args, p, results):
+    """wsgate's upstream pool vs nginx's upstream block, and both vs one upstream.
+
+    Three Node ws echo upstreams on the client core. Request/response: wsgate with
+    ``upstream = @bench`` (the three, least_conn) vs nginx with ``upstream { least_conn;
+    ... }``, next to wsgate and nginx proxying to the first of them, all in this run.
+    Handshakes: a new connection per handshake through the pool vs through the single
+    upstream. Each measurement records every upstream's share of the upstreams' CPU
+    (a pool that sends everything to one server shows as 100/0/0%).
+    """
+    log(f"== pool: proxy to a pool of {POOL_SIZE} Node ws echo upstreams ({POOL_BALANCE}) "
+        "vs one upstream; wsgate vs nginx")
+    upstreams = []
+    try:
+        for k in range(POOL_SIZE):
+            upstreams.append(B.start_node(f"upstream-{k + 1}", "echo", core=B.CLIENT_CORE))
+    except B.PeerFailed as exc:
+        results.error("pool", "upstream", None, str(exc))
+        for u in upstreams:
+            u.stop()
+        return
+    ports = [u.port for u in upstreams]
+    single = upstreams[0]
+    pool_routes = B.pool_routes(ports, POOL_BALANCE)
+    single_route = f"[route:proxy]\npath = /echo\nupstream = ws://127.0.0.1:{single.port}/echo\n"
+    starters = {}  # name -> start; (path, upstreams it uses) per name in `uses`
+    uses = {}
+    for name, extra in wsgate_variants(args):
+        starters[name + "-pool"] = (lambda name=name, extra=extra: B.start_wsgate(
+            name + "-pool", pool_routes, wsgate_extra=extra))
+        uses[name + "-pool"] = ("/pool", upstreams)
+        starters[name] = (lambda name=name, extra=extra: B.start_wsgate(
+            name, single_route, wsgate_extra=extra))
+        uses[name] = ("/echo", [single])
+    starters["nginx-pool"] = lambda: B.start_nginx("nginx-pool", ports, args.nofile,
+                                                   extra=args.nginx_directives,
+                                                   balance=POOL_BALANCE)
+    uses["nginx-pool"] = ("/echo", upstreams)
+    starters["nginx"] = lambda: B.start_nginx("nginx", single.port, args.nofile,
+                                              extra=args.nginx_directives)
+    uses["nginx"] = ("/echo", [single])
+    peers = start_peers(results, "pool", starters)
+    try:
+        for rep in range(p["repeat"]):
+            for i, (conns, size) in enumerate(p["pool"]):
+                config = {"connections": conns, "size": size}
+                log(f"  {conns} connections x {fmt_size(size)} (run {rep + 1}/{p['repeat']})")
+                for name in rotated(peers, i + rep):
+                    path, used = uses[name]
+                    before = [u.proc.cpu_seconds() for u in upstreams]
+                    r = measure_rr(args, p, results, "pool", name, peers[name], config,
+                                   other=[u.proc for u in used], path=path)
+                    if r is None:
+                        continue
+                    r["upstreams"] = len(used)
+                    r["upstream_split"] = cpu_split(upstreams, before)
+                    r["upstream_us"] = (r["other_cpu_s"] / r["messages"] * 1e6
+                                        if r["messages"] else None)
+                    results.add("pool", config, name, r, rep)
+                    log(summary_line(name, r, "messages", "msgs_per_s")
+                        + f"  upstream {r['upstream_us'] or 0:.2f} µs"
+                        f"  split {fmt_split(r['upstream_split'])}  bad {r.get('bad', 0)}")
+        config = {"concurrency": p["handshake_concurrency"]}
+        for rep in range(p["repeat"]):
+            log(f"  handshakes, concurrency {p['handshake_concurrency']} "
+                f"(run {rep + 1}/{p['repeat']})")
+            for name in rotated(peers, rep):
+                path, used = uses[name]
+                before = [u.proc.cpu_seconds() for u in upstreams]
+                try:
+                    r = B.generate(f"gen-pool-hs-{name}", {
+                        "mode": "handshake", "url": peers[name].url(path),
+                        "concurrency": p["handshake_concurrency"], "warmup": p["warmup"],
+                        "duration": p["handshake_duration"],
+                    }, server=peers[name].proc, other=[u.proc for u in used],
+                        timeout=p["warmup"] + p["handshake_duration"] + 60)
+                except B.PeerFailed as exc:
+                    results.error("pool-handshake", name, config, str(exc))
+                    continue
+                r["server_us"] = per_unit(r, "handshakes")
+                r["upstreams"] = len(used)
+                r["upstream_split"] = cpu_split(upstreams, before)
+                r["upstream_us"] = (r["other_cpu_s"] / r["handshakes"] * 1e6
+                                    if r["handshakes"] else None)
+                results.add("pool-handshake", config, name, r, rep)
+                log(summary_line(name, r, "handshakes", "handshakes_per_s")
+                    + f"  refused {r['refused']} errors {r['errors']} timeouts "
+                    f"{r.get('timeouts', 0)}  split {fmt_split(r['upstream_split'])}")
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        for u in upstreams:
+            u.stop()
 
 
 def scenario_fanout(args, p, results):
@@ -451,32 +569,47 @@ def scenario_workers(args, p, results):
             peers[name].stop()
 
 
-SCENARIOS = {"echo": scenario_echo, "proxy": scenario_proxy, "fanout": scenario_fanout,
-             "idle": scenario_idle, "handshake": scenario_handshake,
-             "workers": scenario_workers}
+SCENARIOS = {"echo": scenario_echo, "proxy": scenario_proxy, "pool": scenario_pool,
+             "fanout": scenario_fanout, "idle": scenario_idle,
+             "handshake": scenario_handshake, "workers": scenario_workers}
 
 
 # ------------------------------------------------------------------ main
 
 
+def _py_files(top):
+    """{path relative to *top*: mtime} of the *.py files under *top*."""
+    return {os.path.relpath(os.path.join(d, f), top): os.path.getmtime(os.path.join(d, f))
+            for d, _, fs in os.walk(top) for f in fs if f.endswith(".py")}
+
+
+def installed_wsgate_stale():
+    """Whether the non-editable copy of wsgate in .venv is older than the sources, or
+    lacks one of their modules (a package missing from setup.cfg's list is not installed)."""
+    try:
+        import wsgate
+        installed = _py_files(os.path.dirname(wsgate.__file__))
+        sources = _py_files(os.path.join(ROOT, "wsgate"))
+        return (not set(sources) <= set(installed)
+                or max(sources.values()) > max(installed.values()))
+    except Exception:
+        return True
+
+
 def ensure_installed(args):
     if args.no_setup:
+        if installed_wsgate_stale():
+            # twistd runs from the run's temporary directory, so it would import the
+            # older installed copy: measure the working tree instead, without installing
+            os.environ["PYTHONPATH"] = ROOT + (
+                os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+            log(f"   .venv's copy of wsgate is older than the sources or lacks some of them "
+                f"(--no-setup): the gateway peers import the working tree (PYTHONPATH={ROOT})")
         return
     log("== setup (bench/setup.sh: nginx, node_modules, matplotlib; idempotent)")
     subprocess.run(["bash", os.path.join(HERE, "setup.sh")], check=True, timeout=900)
     # wsgate is installed non-editably: reinstall when a source file is newer
-    try:
-        import wsgate
-        installed = os.path.dirname(wsgate.__file__)
-        newest_src = max(os.path.getmtime(os.path.join(d, f))
-                         for d, _, fs in os.walk(os.path.join(ROOT, "wsgate"))
-                         for f in fs if f.endswith(".py"))
-        newest_inst = max(os.path.getmtime(os.path.join(d, f))
-                          for d, _, fs in os.walk(installed) for f in fs if f.endswith(".py"))
-        stale = newest_src > newest_inst
-    except Exception:
-        stale = True
-    if stale:
+    if installed_wsgate_stale():
         log("   wsgate sources changed: pip install --no-deps . into .venv")
         subprocess.run([os.path.join(ROOT, ".venv", "bin", "pip"), "install", "-q", "--no-deps",
                         ROOT], check=True, timeout=600)
