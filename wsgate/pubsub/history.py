@@ -156,14 +156,34 @@ class Recovery:
 
 class MemoryHistory:
     """The in-process store: per channel a ring of its last messages, at most
-    ``max_history_channels`` channels (the least recently published are forgotten).
-    One epoch per process start."""
+    ``max_history_channels`` channels (the least recently used are forgotten).
+
+    Each channel's history has its own epoch, ``<process epoch>-<n>``: a channel
+    forgotten and made again counts from 1 under a new epoch, so a position from
+    before is never misread as one of the new history.
+    """
 
     def __init__(self, clock: Any, settings: ChannelSettings | None = None):
         self.clock = clock
         self.settings = settings or ChannelSettings()
         self.epoch = secrets.token_hex(4)
+        self._made = 0  # histories made: each gets the next epoch
         self._channels: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()
+
+    def _state(self, channel: str, policy: ChannelPolicy) -> list[Any]:
+        """``[epoch, last seq, ring]`` of *channel*, made (and the oldest channel
+        forgotten beyond max_history_channels) when it has none."""
+        state = self._channels.get(channel)
+        if state is None:
+            self._made += 1
+            limit = policy.history or HISTORY_TTL_ONLY_MAX
+            state = self._channels[channel] = [f"{self.epoch}-{self._made}", 0,
+                                               collections.deque(maxlen=limit)]
+            while len(self._channels) > self.settings.max_history_channels:
+                self._channels.popitem(last=False)
+        else:
+            self._channels.move_to_end(channel)
+        return state
 
     def append(self, channel: str, message: Any) -> str | None:
         """Record *message* (a :class:`wsgate.pubsub.Message`) with its position; return
@@ -171,48 +191,44 @@ class MemoryHistory:
         policy = self.settings(channel)
         if not policy.keeps_history:
             return None
-        state = self._channels.get(channel)
-        if state is None:
-            limit = policy.history or HISTORY_TTL_ONLY_MAX
-            state = self._channels[channel] = [0, collections.deque(maxlen=limit)]
-            while len(self._channels) > self.settings.max_history_channels:
-                self._channels.popitem(last=False)
-        else:
-            self._channels.move_to_end(channel)
-        state[0] += 1
-        position = format_position(self.epoch, state[0])
-        state[1].append((state[0], self.clock.seconds(), dataclasses.replace(message, pos=position)))
+        state = self._state(channel, policy)
+        state[1] += 1
+        position = format_position(state[0], state[1])
+        recorded = dataclasses.replace(message, pos=position)
+        state[2].append((state[1], self.clock.seconds(), recorded))
         return position
 
     def position(self, channel: str) -> str | None:
-        if not self.settings(channel).keeps_history:
+        """The channel's current position (its history is made if it had none, so
+        that the position stays valid once messages come)."""
+        policy = self.settings(channel)
+        if not policy.keeps_history:
             return None
-        state = self._channels.get(channel)
-        return format_position(self.epoch, state[0] if state else 0)
+        state = self._state(channel, policy)
+        return format_position(state[0], state[1])
 
     def since(self, channel: str, since: str | None, limit: int = 0) -> Recovery:
         """The messages after *since* (all kept ones when None)."""
         policy = self.settings(channel)
         if not policy.keeps_history:
             return Recovery(None, False)
-        state = self._channels.get(channel)
-        last = state[0] if state else 0
-        position = format_position(self.epoch, last)
-        parsed = parse_position(since) if since is not None else (self.epoch, 0)
-        if parsed is None or parsed[0] != self.epoch or parsed[1] > last:
+        state = self._state(channel, policy)
+        epoch, last = state[0], state[1]
+        position = format_position(epoch, last)
+        parsed = parse_position(since) if since is not None else (epoch, 0)
+        if parsed is None or parsed[0] != epoch or parsed[1] > last:
             return Recovery(position, False)
-        entries = self._fresh(state, policy) if state else []
+        entries = self._fresh(state, policy)
         after = [(seq, message) for seq, message in entries if seq > parsed[1]]
         first = after[0][0] if after else last + 1
         if parsed[1] < last and first != parsed[1] + 1 and since is not None:
             return Recovery(position, False)  # what followed *since* is gone
         if limit:
             after = after[:limit]
-        return Recovery(position, True, tuple((format_position(self.epoch, seq), message)
-                                              for seq, message in after))
+        return Recovery(position, True, tuple((message.pos, message) for _, message in after))
 
     def _fresh(self, state: list[Any], policy: ChannelPolicy) -> list[tuple[int, Any]]:
-        ring = state[1]
+        ring = state[2]
         if policy.history_ttl:
             cutoff = self.clock.seconds() - policy.history_ttl
             while ring and ring[0][1] < cutoff:

@@ -68,6 +68,7 @@ class BroadcastSubscriber:
 
     wants_json = False  # negotiated wsgate.v1.json: JSON deliveries with positions
     catching_up = None  # while the history is read: the live deliveries held back
+    floor = None  # (epoch, seq) sent from the history: live duplicates up to it are dropped
 
     def __init__(self, broker, channel, target, node_id, stats, route, flusher=None,
                  since=None):
@@ -195,15 +196,24 @@ class BroadcastSubscriber:
         self._release(held, None, 0)
 
     def _release(self, held, epoch, last):
-        """Send the deliveries held back during the catch-up that come after *last*
-        (positions of another epoch, or none, always go), then go live."""
+        """Go live: send the deliveries held back during the catch-up that come after
+        *last* (positions of another epoch, or none, always go).
+
+        Until a live delivery after *last* arrives, later ones at or before it
+        are dropped too: with Redis the history is read on the publishing
+        connection and live messages come on the subscribing one, so a message
+        may arrive live after it was sent from the history. Live deliveries
+        come in order, so the first one past *last* ends this.
+        """
         self.catching_up = None
+        self.floor = (epoch, last) if epoch is not None else None
         for message, prepared in held:
-            parsed = parse_position(message.pos)
-            if parsed is not None and parsed[0] == epoch and parsed[1] <= last:
-                continue  # sent from the history, or before the client's position
             self.deliver(message, prepared)
-        self.direct = self.may_be_direct and not self.paused and not self.queue
+        self._may_go_direct()
+
+    def _may_go_direct(self):
+        self.direct = self.may_be_direct and not self.paused and not self.queue and \
+            self.floor is None and self.catching_up is None
 
     def _send_json(self, message):
         if message.origin_conn == self.conn_id and not self.target.include_sender:
@@ -236,6 +246,13 @@ class BroadcastSubscriber:
         if self.catching_up is not None:
             self.catching_up.append((message, prepared))
             return
+        if self.floor is not None and message.pos is not None:
+            parsed = parse_position(message.pos)
+            if parsed is not None and parsed[0] == self.floor[0]:
+                if parsed[1] <= self.floor[1]:
+                    return  # sent from the history already
+                self.floor = None  # live from here: in order, past the history
+                self._may_go_direct()
         size = len(message.payload)
         is_binary = message.is_binary and not self.wants_json
         if not self.paused and not self.queue:
@@ -293,7 +310,7 @@ class BroadcastSubscriber:
             prepared, size, is_binary = self.queue.popleft()
             self.queued_bytes -= size
             self.protocol.send_prepared(prepared, size, is_binary)
-        self.direct = self.may_be_direct and not self.paused and not self.queue
+        self._may_go_direct()
 
     def stopProducing(self):
         self.direct = self.may_be_direct = False
