@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import harness  # noqa: E402
+from pool_helpers import gateways, nodes  # noqa: E402,F401  (the pool tests' fixtures)
 
 
 def pytest_configure(config):
