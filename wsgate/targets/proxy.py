@@ -416,9 +416,29 @@ def client_response(headers):
     return http.render_head("HTTP/1.1 101 Switching Protocols", answer)
 
 
+class _Proxying:
+    """What both proxy targets are: a WebSocket route whose upstream answers first.
+
+    A subclass says where each try goes (``choose``), how many tries and how
+    long each may take (``tries``, ``try_timeout``, within ``timeout``), and
+    hears how each ended (``tried``); :class:`Handshake` does the rest.
+    """
+
+    type = "upstream"
+    websocket = True
+    needs_shared_broker = False
+
+    def accept(self, request):
+        """The upstream answers first; the client's connection is then handed to a
+        :class:`ProxyHandover` (a Deferred; 503 or 502 when no server accepts)."""
+        d = open_upstream(request)
+        d.addCallback(lambda result: ProxyHandover(request, *result))
+        return d
+
+
 @implementer(ITarget)
 @dataclass(frozen=True)
-class UpstreamTarget:
+class UpstreamTarget(_Proxying):
     """Proxy to one upstream WebSocket whose URL is a template (``{path}``, ``{tail}``, ...).
 
     One try, with the whole ``upstream_timeout``; no pool state.
@@ -430,9 +450,6 @@ class UpstreamTarget:
     verify: bool = True
     ca: str = None
     tls_options: object = field(default=None, compare=False, repr=False)
-    type = "upstream"
-    websocket = True
-    needs_shared_broker = False
     tries = 1
     pool = None
 
@@ -457,17 +474,10 @@ class UpstreamTarget:
     def tried(self, choice, failed, seconds):
         """A try ended (*failed*: its TryFailed, None for a 101)."""
 
-    def accept(self, request):
-        """The upstream answers first; the client's connection is then handed to a
-        :class:`ProxyHandover` (a Deferred; 503 or 502 when the upstream fails)."""
-        d = open_upstream(request)
-        d.addCallback(lambda result: ProxyHandover(request, *result))
-        return d
-
 
 @implementer(ITarget)
 @dataclass(frozen=True)
-class PoolTarget:
+class PoolTarget(_Proxying):
     """Proxy to the servers of ``[upstream:NAME]`` (``upstream = @NAME``).
 
     The pool's live state is the gateway's (``gateway.upstreams``): this
@@ -482,9 +492,6 @@ class PoolTarget:
     verify: bool = True
     ca: str = None
     tls_by_server: dict = field(default=None, compare=False, repr=False)
-    type = "upstream"
-    websocket = True
-    needs_shared_broker = False
 
     @property
     def url(self):
@@ -526,11 +533,6 @@ class PoolTarget:
             registry.succeeded(choice.server)
         else:
             registry.failed(choice.server, failed.reason)
-
-    def accept(self, request):
-        d = open_upstream(request)
-        d.addCallback(lambda result: ProxyHandover(request, *result))
-        return d
 
 
 def build(route, settings, context):
