@@ -44,6 +44,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate import observe
@@ -287,6 +288,55 @@ return {epoch, seq, entries}
 """
 
 
+class _SharedRead:
+    """One READ_SCRIPT answer for every recovery of a channel that needs no older entry:
+    when a thousand clients reconnect at once with the same position, Redis is read
+    once (not a thousand times, each answer the whole history, each within the command
+    timeout) and the entries are parsed once."""
+
+    def __init__(self, first, d):
+        self.first = first  # the first sequence number read
+        self.waiters = []
+        self.epoch = None
+        self.last = 0
+        self._raw = None
+        self._entries = None
+        d.addBoth(self._done)
+
+    def wait(self):
+        waiter = defer.Deferred()
+        if self._raw is not None:
+            waiter.callback(self)
+        else:
+            self.waiters.append(waiter)
+        return waiter
+
+    def _done(self, result):
+        waiters, self.waiters = self.waiters, []
+        if isinstance(result, Failure):
+            for waiter in waiters:
+                waiter.errback(result)
+            return None
+        self._raw = result
+        self.epoch, self.last = _text(result[0]), int(result[1])
+        for waiter in waiters:
+            waiter.callback(self)
+        return None
+
+    def entries(self):
+        """``[(seq, time ms, Message)]`` of the answer, parsed on first use."""
+        if self._entries is None:
+            self._entries = []
+            for entry_id, fields in self._raw[2] or ():
+                values = dict(zip(fields[::2], fields[1::2]))
+                seq = int(_text(entry_id).split("-", 1)[0])
+                head = values[b"h"].split(b" ")
+                message = Message(values[b"p"], head[1] == b"b", _text(head[2]),
+                                  _text(head[3]), format_position(self.epoch, seq))
+                self._entries.append((seq, int(values[b"t"]), message))
+        return self._entries
+
+
 @implementer(IBroker)
 class RedisBroker(MultiService):
     """See the module docstring. A service: start it to connect."""
@@ -323,6 +373,7 @@ class RedisBroker(MultiService):
         self.channel_settings = ChannelSettings()
         self.presence = RedisPresence(self, reactor, settings.presence_ttl)
         self._subscribing = {}  # channel → the SUBSCRIBE under way
+        self._reads = {}  # channel → the _SharedRead under way
 
     def configure(self, channel_settings):
         """Which channels keep history (the config in force; SIGHUP changes it)."""
@@ -454,12 +505,24 @@ class RedisBroker(MultiService):
         else:
             first = f"{parsed[1] + 1 if parsed else 0}-0"
         ttl_ms = int(policy.history_ttl * 1000)
-        d = protocol.eval(READ_SCRIPT, self._history_keys(channel),
-                          [first, secrets.token_hex(4), ttl_ms])
-        return d.addCallback(self._recovery, policy, since, parsed, limit, read)
+        needed = parsed[1] + 1 if parsed else 0
+        shared = self._reads.get(channel) if first else None
+        if shared is None or shared.first > needed:
+            d = protocol.eval(READ_SCRIPT, self._history_keys(channel),
+                              [first, secrets.token_hex(4), ttl_ms])
+            shared = _SharedRead(needed, d)
+            if first:
+                self._reads[channel] = shared
+                d.addBoth(self._read_done, channel, shared)
+        return shared.wait().addCallback(self._recovery, policy, since, parsed, limit, read)
 
-    def _recovery(self, result, policy, since, parsed, limit, read):
-        epoch, last = _text(result[0]), int(result[1])
+    def _read_done(self, result, channel, shared):
+        if self._reads.get(channel) is shared:
+            del self._reads[channel]
+        return result
+
+    def _recovery(self, shared, policy, since, parsed, limit, read):
+        epoch, last = shared.epoch, shared.last
         position = format_position(epoch, last)
         if not read:
             return Recovery(position, True)
@@ -467,19 +530,12 @@ class RedisBroker(MultiService):
             return Recovery(position, False)
         cutoff = (self.reactor.seconds() - policy.history_ttl) * 1000 \
             if policy.history_ttl else None
-        entries = []
-        for entry_id, fields in result[2] or ():
-            values = dict(zip(fields[::2], fields[1::2]))
-            if cutoff is not None and int(values[b"t"]) < cutoff:
-                continue
-            seq = int(_text(entry_id).split("-", 1)[0])
-            head = values[b"h"].split(b" ")
-            message = Message(values[b"p"], head[1] == b"b", _text(head[2]), _text(head[3]),
-                              format_position(epoch, seq))
-            entries.append((seq, message))
+        entries = [(seq, message) for seq, t, message in shared.entries()
+                   if cutoff is None or t >= cutoff]
         if policy.history and len(entries) > policy.history:  # MAXLEN ~ keeps a few more
             entries = entries[-policy.history:]
         start = parsed[1] if parsed else 0
+        entries = [(seq, message) for seq, message in entries if seq > start]
         first = entries[0][0] if entries else last + 1
         if since is not None and start < last and first != start + 1:
             return Recovery(position, False)  # what followed *since* is gone

@@ -16,9 +16,11 @@ yet. A position the history cannot serve gets ``{"type": "recovery_failed"}``.
 Plain clients receive raw messages exactly as without history.
 """
 
+import collections
 from collections import deque
 from urllib.parse import parse_qs
 
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -41,6 +43,12 @@ _log = Logger()
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 SUBPROTOCOL = "wsgate.v1.json"
+
+
+# History messages framed for wsgate.v1.json, by position (unique per channel history):
+# the most recently recovered ones, shared by the clients that recover them.
+_RECOVERED = collections.OrderedDict()
+_RECOVERED_MAX = 10000
 
 
 def _json(body):
@@ -216,9 +224,17 @@ class BroadcastSubscriber:
             self.floor is None and self.catching_up is None
 
     def _send_json(self, message):
+        """Send a message from the history, framed once for every client that recovers
+        it (a thousand clients reconnecting at once recover the same messages)."""
         if message.origin_conn == self.conn_id and not self.target.include_sender:
             return
-        self.protocol.send(json_delivery(message), False)
+        prepared = _RECOVERED.get(message.pos)
+        if prepared is None:
+            prepared = PreparedMessage(json_delivery(message), False, False, False)
+            _RECOVERED[message.pos] = prepared
+            if len(_RECOVERED) > _RECOVERED_MAX:
+                _RECOVERED.popitem(last=False)
+        self.protocol.send_prepared(prepared, len(message.payload), False)
 
     def message(self, protocol, payload, is_binary):
         if not self.target.client_publish:
