@@ -285,6 +285,32 @@ def pool_routes(ports, balance="least_conn"):
         servers=", ".join(f"ws://127.0.0.1:{port}/echo" for port in ports), balance=balance)
 
 
+# The fan-out scenario's broadcast route (after WSGATE_BASE); {history} is "" or
+# "history = N\n" (the -redis-history peers: every publish recorded, on Redis an EVAL of
+# XADD + PUBLISH). tests/test_bench_configs.py loads it, with REDIS_BROKER, too.
+FANOUT_ROUTE = """\
+[route:fanout]
+path = /fanout
+broadcast = bench
+{history}"""
+
+# The recovery scenario's route: clients of wsgate.v1.json reconnect with ?since=POS
+RECOVER_ROUTE = """\
+[route:recover]
+path = /recover
+broadcast = recover
+history = {history}
+"""
+
+# A Redis broker for the gateway (with "broker = shared" among its [wsgate] lines)
+REDIS_BROKER = """
+[broker:shared]
+type = redis
+url = redis://127.0.0.1:{port}/0
+"""
+REDIS_BROKER_KEY = "broker = shared\n"
+
+
 def start_wsgate(name, routes, ping_interval="0", wsgate_extra="", core=SERVER_CORE, timeout=30):
     """``twistd -n wsgate`` on a generated config (port 0, JSON logs to its log file)."""
     path = os.path.join(Proc.workdir, f"{name}.ini")

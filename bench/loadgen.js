@@ -456,13 +456,22 @@ async function recover() {
   let recorded = false;
   while (!recorded && performance.now() < deadline) {
     await new Promise((resolve) => {
+      let probe = null, finished = false;
+      const finish = () => {
+        if (finished) return;
+        finished = true;
+        clearTimeout(guard);
+        if (probe) probe.terminate();
+        resolve();
+      };
+      const guard = setTimeout(finish, 5000);  // the answer may wait behind the publishes
       openJson(opts.url, n + 1, (msg) => {
         if (msg.type === 'subscribed') {
           const [, seq] = msg.pos.split(':');
           recorded = Number(seq) >= Number(since[0].split(':')[1]) + m;
-          resolve();
+          finish();
         }
-      }).then((ws) => setTimeout(() => ws.terminate(), 10), resolve);
+      }).then((ws) => { probe = ws; if (finished) ws.terminate(); }, finish);
     });
     if (!recorded) await sleep(50);
   }

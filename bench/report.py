@@ -18,6 +18,8 @@ PEER_LABELS = {
     "wsgate+apikey": "wsgate+apikey", "wsgate-nofast+apikey": "wsgate+apikey fast_paths=no",
     "wsgate-pool": "wsgate pool", "wsgate-nofast-pool": "wsgate pool fast_paths=no",
     "nginx-pool": "nginx pool",
+    "wsgate-redis-history": "wsgate+Redis history",
+    "wsgate-nofast-redis-history": "wsgate+Redis history fast_paths=no",
 }
 
 
@@ -57,6 +59,15 @@ def _better(a, b):
     return False
 
 
+def _recovered_more(a, b):
+    """Recovery: the run in which more clients recovered everything, then the cheaper."""
+    ka = (-a.get("recovered_all", 0), a.get("failed", 0), a.get("dupes", 0))
+    kb = (-b.get("recovered_all", 0), b.get("failed", 0), b.get("dupes", 0))
+    if ka != kb:
+        return ka < kb
+    return _better(a, b)
+
+
 def _faster(a, b):
     return a.get("handshakes_per_s", 0) > b.get("handshakes_per_s", 0)
 
@@ -75,7 +86,7 @@ def _get(cases, peer, field):
 def summarize(data):
     runs = data["runs"]
     summary = {"echo": [], "proxy": [], "pool": [], "pool_handshake": [], "fanout": [],
-               "idle": [], "handshake": [], "workers": [], "targets": []}
+               "recovery": [], "idle": [], "handshake": [], "workers": [], "targets": []}
     targets = summary["targets"]
 
     def target(name, value, op, limit, note=""):
@@ -153,6 +164,8 @@ def summarize(data):
         row = {"config": config, "peers": cases, "ratios": {
             "wsgate/naive-loop": ratio(w, naive), "wsgate/node-ws": ratio(w, node),
             "wsgate-redis/naive-loop": ratio(wr, naive), "wsgate-redis/node-ws": ratio(wr, node),
+            # issue 21: every publish recorded (Redis stream + PUBLISH in one EVAL) vs none
+            "history/no history": ratio(_get(cases, "wsgate-redis-history", "server_us"), wr),
         }}
         summary["fanout"].append(row)
         subs = f"{config['subscribers'] // 1000}k" if config["subscribers"] >= 1000 else str(
@@ -161,9 +174,24 @@ def summarize(data):
             f" in bursts of {config['burst']}" if config.get("burst") else "")
         target(f"{tag}: CPU ÷ naive loop", row["ratios"]["wsgate/naive-loop"], "<=", 0.3)
         target(f"{tag}: CPU ÷ Node ws", row["ratios"]["wsgate/node-ws"], "<=", 0.5)
+        if config["subscribers"] == 1000 and "wsgate-redis-history" in cases:
+            target(f"{tag}: Redis with history ÷ without, CPU per delivery (issue 21)",
+                   row["ratios"]["history/no history"], "<=", 1.2)
     summary["fanout"].sort(key=lambda r: (r["config"].get("burst", 1),
                                           r["config"]["subscribers"] * r["config"]["rate"],
                                           r["config"]["subscribers"]))
+
+    for key, cases in best_runs(runs, "recovery", _recovered_more).items():
+        config = dict(key)
+        summary["recovery"].append({"config": config, "peers": cases})
+        for peer, run in sorted(cases.items()):
+            # not a cost target: issue 21's recovery has to lose and repeat nothing
+            target(f"recovery {config['clients']}×{config['messages']}, {label(peer)}: share "
+                   "of clients that recovered every missed message (issue 21)",
+                   run.get("recovered_all", 0) / config["clients"] if config["clients"]
+                   else None, ">=", 1.0)
+    summary["recovery"].sort(key=lambda r: (r["config"]["clients"] * r["config"]["messages"],
+                                            r["config"]["clients"]))
 
     for key, cases in best_runs(runs, "idle").items():
         w = _get(cases, "wsgate", "kb_per_connection")
@@ -370,10 +398,11 @@ def fanout_tables(summary, detail):
     rows = summary["fanout"]
     if not rows:
         return []
-    peers = _peer_order(rows, ["wsgate", "wsgate-redis", "wsgate-nofast", "wsgate-nofast-redis",
+    peers = _peer_order(rows, ["wsgate", "wsgate-redis", "wsgate-redis-history", "wsgate-nofast",
+                               "wsgate-nofast-redis", "wsgate-nofast-redis-history",
                                "naive-loop", "node-ws"])
     headers = (["subscribers", "msgs × rate"] + [label(p) for p in peers]
-               + ["÷ naive loop", "÷ Node ws", "Redis ÷ naive"])
+               + ["÷ naive loop", "÷ Node ws", "Redis ÷ naive", "Redis history ÷ none"])
     body = []
 
     def cells(c):
@@ -386,8 +415,9 @@ def fanout_tables(summary, detail):
                     + [num(_get(row["peers"], p, "server_us"), 2) for p in peers]
                     + [xratio(row["ratios"]["wsgate/naive-loop"]),
                        xratio(row["ratios"]["wsgate/node-ws"]),
-                       xratio(row["ratios"]["wsgate-redis/naive-loop"])])
-    return [("Fan-out: server CPU µs per delivery (64 B, one publisher, paced; at 20k "
+                       xratio(row["ratios"]["wsgate-redis/naive-loop"]),
+                       xratio(row["ratios"]["history/no history"])])
+    out = [("Fan-out: server CPU µs per delivery (64 B, one publisher, paced; at 20k "
              "deliveries/s no peer is saturated, at 100k/s the peers run at or near 100% CPU, "
              "batch their writes and queue; in bursts, the publisher writes 10 messages at "
              "once at the same mean rate)",
@@ -395,6 +425,61 @@ def fanout_tables(summary, detail):
             ("Fan-out: deliveries/s and end-to-end p50 / p99 latency (ms)",
              _rate_latency_table(rows, peers, "deliveries_per_s", cells,
                                  ("subscribers", "msgs × rate")))]
+    history = []
+    for row in rows:
+        off, on = row["peers"].get("wsgate-redis"), row["peers"].get("wsgate-redis-history")
+        if on is None:
+            continue
+        history.append(cells(row["config"])
+                       + [num(off and off.get("server_us"), 2), num(on.get("server_us"), 2),
+                          xratio(row["ratios"]["history/no history"]),
+                          num(off and off.get("redis_us"), 3), num(on.get("redis_us"), 3),
+                          _p50_p99(off), _p50_p99(on), on.get("missing", "–")])
+    if history:
+        out.append(("Fan-out with history (issue 21): wsgate+Redis without and with "
+                    "``history = 100`` on the route (each publish one EVAL: XADD + PUBLISH), "
+                    "gateway and Redis CPU µs per delivery (target: with ÷ without ≤ 1.2×)",
+                    table(["subscribers", "msgs × rate", "gateway: no history", "history",
+                           "÷", "Redis: no history", "history", "p50 / p99 ms: no history",
+                           "history", "missing (history)"], history)))
+    return out
+
+
+def _p50_p99(run):
+    if run is None:
+        return "–"
+    lat = run.get("latency") or {}
+    return f"{num(_ms(lat.get('p50_us')), 2)} / {num(_ms(lat.get('p99_us')), 2)}"
+
+
+def recovery_tables(summary, detail):
+    rows = summary.get("recovery") or []
+    if not rows:
+        return []
+    body = []
+    for row in rows:
+        c = row["config"]
+        for p in _peer_order([row], ["wsgate", "wsgate-redis", "wsgate-nofast",
+                                     "wsgate-nofast-redis"]):
+            run = row["peers"][p]
+            body.append([f"{c['clients']:,} × {c['messages']:,}", label(p),
+                         num(run.get("seconds"), 2), num(run.get("server_cpu_s"), 2),
+                         num(run.get("server_us"), 2),
+                         "–" if run.get("redis_cpu_s") is None else num(run["redis_cpu_s"], 2),
+                         f"{run.get('recovered_all', 0):,}/{c['clients']:,}",
+                         run.get("failed", "–"), run.get("dupes", "–"),
+                         f"{run.get('server_util', 0) * 100:.0f}%",
+                         f"{run.get('gen_util', 0) * 100:.0f}%"])
+    history = rows[0]["config"].get("history")
+    return [("Recovery (issue 21): N clients of wsgate.v1.json reconnect at once with "
+             f"?since=POS, each missed M messages (route history = {history}): seconds from the "
+             "first reconnect until every client has all M, the gateway's CPU meanwhile "
+             "(the N handshakes included) and per recovered message; Redis: the broker's "
+             "default 2 s command timeout; no peer comparison: none of the peers has "
+             "history or recovery",
+             table(["clients × missed", "gateway", "seconds", "gateway CPU s",
+                    "CPU µs per message", "Redis CPU s", "recovered all", "failed", "dupes",
+                    "gateway CPU", "generator CPU"], body))]
 
 
 def idle_tables(summary, detail):
@@ -477,7 +562,8 @@ def generator_table(data):
             continue
         c = run["config"]
         config = ", ".join(f"{k}={v}" for k, v in c.items() if k in (
-            "connections", "size", "subscribers", "concurrency"))
+            "connections", "size", "subscribers", "concurrency", "clients", "messages")
+            if k != "messages" or run["scenario"] == "recovery")
         body.append([run["scenario"], config, label(run["peer"]), run["rep"] + 1,
                      f"{run['server_util'] * 100:.0f}%", f"{run['gen_util'] * 100:.0f}%",
                      f"{run.get('other_util', 0) * 100:.0f}%" if run.get("other_util") else "",
@@ -489,8 +575,8 @@ def generator_table(data):
 def sections(data, detail):
     s = data["summary"]
     out = []
-    for maker in (echo_tables, proxy_tables, pool_tables, fanout_tables, idle_tables,
-                  handshake_tables, workers_tables):
+    for maker in (echo_tables, proxy_tables, pool_tables, fanout_tables, recovery_tables,
+                  idle_tables, handshake_tables, workers_tables):
         out.extend(maker(s, detail))
     return out
 
@@ -533,6 +619,15 @@ def text_report(data):
         lines.append(f"Foreign CPU during the measurement windows: median "
                      f"{sorted(foreign)[len(foreign) // 2] * 100:.0f}%, max {max(foreign) * 100:.0f}% "
                      "of one core.")
+    for r in data["runs"]:
+        if r["scenario"] != "recovery":
+            continue
+        c = r["config"]
+        if r.get("recovered_all") != c["clients"] or r.get("dupes") or not r.get("recorded"):
+            lines.append(f"NOTE: recovery {c['clients']}×{c['messages']} {label(r['peer'])} "
+                         f"(run {r['rep'] + 1}): {r.get('recovered_all')}/{c['clients']} "
+                         f"recovered all, {r.get('failed')} failed, {r.get('dupes')} "
+                         f"duplicates{'' if r.get('recorded') else ', publishes not all recorded before the reconnect'}")
     gen_bound = [r for r in data["runs"] if r.get("gen_util", 0) > 0.9]
     if gen_bound:
         lines.append(f"NOTE: the generator used > 90% of its core in {len(gen_bound)} run(s): "
@@ -595,6 +690,10 @@ def chart(data, path):
             f"×{row['config']['burst']}" if row["config"].get("burst") else "")
         bars.append((f"fan-out {subs} ÷ naive loop", row["ratios"]["wsgate/naive-loop"], 0.3))
         bars.append((f"fan-out {subs} ÷ Node ws", row["ratios"]["wsgate/node-ws"], 0.5))
+        if row["ratios"].get("history/no history") is not None:
+            bars.append((f"fan-out {subs} Redis: history ÷ none",
+                         row["ratios"]["history/no history"],
+                         1.2 if row["config"]["subscribers"] == 1000 else None))
     for row in s["idle"]:
         bars.append(("idle memory ÷ Autobahn", row["ratios"]["wsgate/autobahn"], None))
     for row in s["handshake"]:
@@ -628,8 +727,8 @@ def chart(data, path):
         max(b[1] for b in bars), max((b[2] or 0) for b in bars)))
     ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle="--")
     ax.set_xlabel("wsgate's server CPU per message ÷ the peer's, same run (log scale; lower is "
-                  "better)\nblack tick: issue 11's target; green met, red missed, grey no target",
-                  fontsize=8)
+                  "better)\nblack tick: the target (issue 11; history ÷ none: issue 21); "
+                  "green met, red missed, grey no target", fontsize=8)
     ax.set_title(f"wsgate vs peers, {data['date'][:10]}, {data['machine']['nproc']} × "
                  f"{data['machine']['cpu_model']}{' (--quick)' if data['quick'] else ''}",
                  fontsize=10)

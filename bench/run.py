@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """wsgate's benchmark suite: every scenario compares wsgate with its peers in one run.
 
-usage: bench/run.py [--quick] [--only echo,proxy,pool,fanout,idle,handshake,workers]
+usage: bench/run.py [--quick] [--only echo,proxy,pool,fanout,recovery,idle,handshake,workers]
                     [--compare-fast-paths] [--repeat N] [--no-setup]
        bench/idle_100k.py                 (manual: 100k idle connections over workers)
 
@@ -18,7 +18,16 @@ usage: bench/run.py [--quick] [--only echo,proxy,pool,fanout,idle,handshake,work
              the pool vs through the single upstream (and the same through nginx)
   fanout     1k and 10k subscribers of one channel, one publisher at a paced rate
              (one message at a time, or bursts of 10 written at once):
-             wsgate (in-memory broker and via Redis), a naive sendMessage loop, Node ws
+             wsgate (in-memory broker, via Redis, and via Redis with ``history = 100``
+             on the route: every publish recorded, issue 21's target is its CPU per
+             delivery ≤ 1.2× that of Redis without history), a naive sendMessage loop,
+             Node ws
+  recovery   N clients of wsgate.v1.json note their position and leave, M messages are
+             published, then all N reconnect at once with ?since=POS (route
+             ``history`` ≥ M): seconds until every client has recovered all M, the
+             gateway's CPU meanwhile (handshakes included) and per recovered message;
+             wsgate's in-memory broker and Redis (1000 × 1000; --quick 200 × 200). No
+             peer has history or recovery: nothing to compare with
   idle       N idle connections with pings on (30 s): RSS per connection
   handshake  new connection per handshake (close right after the 101): wsgate echo
              route with and without an apikey policy vs bare Autobahn
@@ -59,7 +68,8 @@ import benchlib as B  # noqa: E402
 import report  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-DEFAULT_SCENARIOS = ["echo", "proxy", "pool", "fanout", "idle", "handshake", "workers"]
+DEFAULT_SCENARIOS = ["echo", "proxy", "pool", "fanout", "recovery", "idle", "handshake",
+                     "workers"]
 ALL_SCENARIOS = DEFAULT_SCENARIOS
 KEY = "bench-key-1"
 
@@ -80,6 +90,7 @@ def plan(args):
             "proxy": [(100, 64), (100, 16384)],
             "pool": [(100, 64), (100, 16384)],
             "fanout": [(1000, 60, 20)],              # subscribers, messages, messages/s
+            "recovery": [(200, 200)],                # clients, missed messages each
             "idle_connections": 2000, "idle_hold": 3.0,
             "handshake_duration": 2.0, "handshake_concurrency": 32,
         }
@@ -95,6 +106,8 @@ def plan(args):
             # per-iteration coalescing is for
             "fanout": [(1000, 200, 20), (10000, 20, 2), (1000, 1000, 100), (10000, 100, 10),
                        (1000, 1000, 100, 10), (10000, 100, 10, 10)],
+            # issue 21: 1,000 clients reconnecting at once, 1,000 missed messages each
+            "recovery": [(1000, 1000)],
             "idle_connections": 5000, "idle_hold": 35.0,
             "handshake_duration": 5.0, "handshake_concurrency": 32,
         }
@@ -104,6 +117,9 @@ def plan(args):
         p["duration"] = args.duration
     if args.fanout:
         p["fanout"] = [tuple(int(x) for x in item.split(":")) for item in args.fanout.split(",")]
+    if args.recovery:
+        p["recovery"] = [tuple(int(x) for x in item.split(":"))
+                         for item in args.recovery.split(",")]
     if args.echo:
         p["echo"] = [tuple(int(x) for x in item.split("x")) for item in args.echo.split(",")]
     if args.idle_connections:
@@ -379,6 +395,9 @@ def scenario_pool(args, p, results):
             u.stop()
 
 
+FANOUT_HISTORY = 100  # the -redis-history peers' history (messages kept per channel)
+
+
 def scenario_fanout(args, p, results):
     log("== fanout: one publisher, N subscribers, paced; server CPU per delivery")
     redis = None
@@ -386,16 +405,21 @@ def scenario_fanout(args, p, results):
         redis = B.start_redis("redis")
     except B.PeerFailed as exc:
         results.error("fanout", "redis", None, str(exc))
-    route = "[route:fanout]\npath = /fanout\nbroadcast = bench\n"
+    route = B.FANOUT_ROUTE.format(history="")
+    history_route = B.FANOUT_ROUTE.format(history=f"history = {FANOUT_HISTORY}\n")
     starters = {}
     for name, extra in wsgate_variants(args):
         starters[name] = (lambda name=name, extra=extra: B.start_wsgate(
             name, route, wsgate_extra=extra))
         if redis is not None:
-            starters[name + "-redis"] = (lambda name=name, extra=extra: B.start_wsgate(
-                name + "-redis", route + f"\n[broker:shared]\ntype = redis\n"
-                f"url = redis://127.0.0.1:{redis.port}/0\n",
-                wsgate_extra=extra + "broker = shared\n"))
+            broker = B.REDIS_BROKER.format(port=redis.port)
+            # issue 21: the same channel on the same Redis with every publish recorded
+            # (XADD + PUBLISH in one EVAL) against plain PUBLISH
+            for suffix, routes in (("-redis", route), ("-redis-history", history_route)):
+                starters[name + suffix] = (
+                    lambda peer=name + suffix, routes=routes, extra=extra, broker=broker:
+                    B.start_wsgate(peer, routes + broker,
+                                   wsgate_extra=extra + B.REDIS_BROKER_KEY))
     starters["naive-loop"] = lambda: B.start_python("naive-loop", "naive_fanout.py")
     starters["node-ws"] = lambda: B.start_node("node-ws", "broadcast")
     peers = start_peers(results, "fanout", starters)
@@ -410,7 +434,7 @@ def scenario_fanout(args, p, results):
                     + (f" in bursts of {burst}" if burst > 1 else ""))
                 for name in rotated(peers, i):
                     peer = peers[name]
-                    other = [redis.proc] if name.endswith("-redis") else []
+                    other = [redis.proc] if "-redis" in name else []
                     try:
                         r = B.generate(f"gen-fanout-{name}", {
                             "mode": "fanout", "url": peer.url("/fanout"), "subscribers": subs,
@@ -421,12 +445,82 @@ def scenario_fanout(args, p, results):
                         results.error("fanout", name, config, str(exc))
                         continue
                     r["server_us"] = per_unit(r, "delivered")
+                    if other:
+                        r["redis_us"] = (r["other_cpu_s"] / r["delivered"] * 1e6
+                                         if r["delivered"] else None)
                     results.add("fanout", config, name, r, rep)
                     lat = r["latency"]
-                    log(f"    {name:18} {r['deliveries_per_s']:>10.0f}/s  server "
+                    log(f"    {name:20} {r['deliveries_per_s']:>10.0f}/s  server "
                         f"{r['server_us'] or 0:7.3f} µs/delivery  p50 {lat['p50_us'] or 0:8.0f} µs"
                         f"  p99 {lat['p99_us'] or 0:8.0f} µs  missing {r['missing']}"
-                        f"  server {r['server_util'] * 100:5.1f}%  gen {r['gen_util'] * 100:5.1f}%")
+                        f"  server {r['server_util'] * 100:5.1f}%  gen {r['gen_util'] * 100:5.1f}%"
+                        + (f"  Redis {r['redis_us'] or 0:.3f} µs/delivery" if other else ""))
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        if redis is not None:
+            redis.stop()
+
+
+RECOVERY_HISTORY = 1000  # the recovery route's history (at least the missed messages)
+
+
+def scenario_recovery(args, p, results):
+    """Recovery of missed messages by clients reconnecting at once (issue 21).
+
+    loadgen.js's ``recover`` mode: N clients of ``wsgate.v1.json`` note their
+    ``subscribed`` position and leave; one publisher sends M messages (the generator
+    waits until a fresh client's position shows them all recorded); then all N
+    reconnect at once with ``?since=POS``. The window runs from the first reconnect
+    until every client has received its M messages (or ``recovery_failed``): its
+    seconds, the gateway's CPU (the N handshakes included) and Redis's CPU. wsgate's
+    in-memory broker and Redis; no peer has history or recovery.
+    """
+    log("== recovery: N clients reconnect at once with ?since and recover M missed messages")
+    redis = None
+    try:
+        redis = B.start_redis("redis-recovery")
+    except B.PeerFailed as exc:
+        results.error("recovery", "redis", None, str(exc))
+    history = max([RECOVERY_HISTORY] + [m for _, m in p["recovery"]])
+    route = B.RECOVER_ROUTE.format(history=history)
+    starters = {}
+    for name, extra in wsgate_variants(args):
+        starters[name] = (lambda name=name, extra=extra: B.start_wsgate(
+            name, route, wsgate_extra=extra))
+        if redis is not None:
+            starters[name + "-redis"] = (lambda name=name, extra=extra: B.start_wsgate(
+                name + "-redis", route + B.REDIS_BROKER.format(port=redis.port),
+                wsgate_extra=extra + B.REDIS_BROKER_KEY))
+    peers = start_peers(results, "recovery", starters)
+    try:
+        for rep in range(p["repeat"]):
+            for i, (clients, messages) in enumerate(p["recovery"]):
+                config = {"clients": clients, "messages": messages, "history": history}
+                log(f"  {clients} clients x {messages} missed messages "
+                    f"(run {rep + 1}/{p['repeat']})")
+                wait = max(60, clients * messages // 10000)  # the generator's own limit
+                for name in rotated(peers, i + rep):
+                    peer = peers[name]
+                    other = [redis.proc] if name.endswith("-redis") else []
+                    try:
+                        r = B.generate(f"gen-recovery-{name}", {
+                            "mode": "recover", "url": peer.url("/recover"), "clients": clients,
+                            "messages": messages, "timeout": wait,
+                        }, server=peer.proc, other=other, timeout=wait + 150)
+                    except B.PeerFailed as exc:
+                        results.error("recovery", name, config, str(exc))
+                        continue
+                    r["server_us"] = per_unit(r, "delivered")
+                    r["redis_cpu_s"] = r["other_cpu_s"] if other else None
+                    results.add("recovery", config, name, r, rep)
+                    log(f"    {name:18} {r['seconds']:7.2f} s  server {r['server_cpu_s']:6.2f} s"
+                        f" CPU, {r['server_us'] or 0:6.2f} µs/message  recovered all "
+                        f"{r['recovered_all']}/{clients}  failed {r['failed']}  dupes "
+                        f"{r['dupes']}  recorded {r['recorded']}"
+                        + (f"  Redis {r['other_cpu_s']:.2f} s" if other else "")
+                        + f"  server {r['server_util'] * 100:5.1f}%  gen "
+                        f"{r['gen_util'] * 100:5.1f}%  foreign {r['foreign_util'] * 100:4.0f}%")
     finally:
         for peer in peers.values():
             peer.stop()
@@ -570,7 +664,7 @@ def scenario_workers(args, p, results):
 
 
 SCENARIOS = {"echo": scenario_echo, "proxy": scenario_proxy, "pool": scenario_pool,
-             "fanout": scenario_fanout, "idle": scenario_idle,
+             "fanout": scenario_fanout, "recovery": scenario_recovery, "idle": scenario_idle,
              "handshake": scenario_handshake, "workers": scenario_workers}
 
 
@@ -630,6 +724,8 @@ def main():
     parser.add_argument("--echo", default="", help="echo cases, e.g. 100x64,1000x16384")
     parser.add_argument("--fanout", default="",
                         help="fan-out cases SUBSCRIBERS:MESSAGES:RATE[:BURST], e.g. 10000:100:10:10")
+    parser.add_argument("--recovery", default="",
+                        help="recovery cases CLIENTS:MESSAGES, e.g. 1000:1000")
     parser.add_argument("--compare-fast-paths", action="store_true",
                         help="add a wsgate peer with [wsgate] fast_paths = no")
     parser.add_argument("--wsgate-extra", default="",
@@ -653,7 +749,7 @@ def main():
         args.wsgate_extra += "\n"
     scenarios = [s.strip() for s in args.only.split(",") if s.strip()] or DEFAULT_SCENARIOS
     partial = (args.quick or scenarios != DEFAULT_SCENARIOS or args.peers or args.echo
-               or args.fanout or args.duration or args.repeat or args.idle_connections
+               or args.fanout or args.recovery or args.duration or args.repeat or args.idle_connections
                or args.client != "raw" or args.nginx_directives or args.wsgate_extra
                or args.compare_fast_paths)
     if args.output is None:
