@@ -387,3 +387,47 @@ def test_presence_ttl_default_and_minimum(tmp_path):
     assert load(write(tmp_path, base + routes(("a:{x}", "")))).brokers["r"].presence_ttl == 30
     config = load(write(tmp_path, base + "presence_ttl = 1s\n" + routes(("a:{x}", ""))))
     assert config.brokers["r"].presence_ttl == 1
+
+
+def test_deliveries_held_during_a_slow_history_read_are_bounded():
+    """While the history is read, live deliveries are held back, at most max_send_buffer
+    bytes of them: past that the client gets 1013 instead of the gateway's memory."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from wsgate.metrics import Stats
+    from wsgate.pubsub import LocalFanout
+    from wsgate.targets.broadcast import BroadcastSubscriber, BroadcastTarget
+
+    class SlowBroker:
+        def __init__(self):
+            self.local = LocalFanout()
+
+        def subscribe(self, channel, subscriber):
+            self.local.add(channel, subscriber)
+
+        def unsubscribe(self, channel, subscriber):
+            self.local.remove(channel, subscriber)
+
+        def position(self, channel):
+            return defer.Deferred()  # never answers
+
+    closes = []
+    protocol = SimpleNamespace(
+        connection=SimpleNamespace(conn_id="c1", identity=None, since=0.0),
+        send_buffer=SimpleNamespace(listener=None), state="open", STATE_OPEN="open",
+        close_with=lambda code, reason: closes.append((code, reason)))
+    broker = SlowBroker()
+    stats = Stats()
+    subscriber = BroadcastSubscriber(broker, "room:a", BroadcastTarget(
+        "room:a", max_send_buffer=10_000), "node", stats, "chat")
+    subscriber.choose_subprotocol(["wsgate.v1.json"])
+    subscriber.opened(protocol)
+    for n in range(99):
+        broker.local.fan_out("room:a", Message(b"x" * 100, False, pos=f"e:{n}"))
+    assert closes == [] and len(subscriber.catching_up) == 99
+    broker.local.fan_out("room:a", Message(b"x" * 200, False, pos="e:99"))
+    assert closes == [(1013, "slow consumer")]
+    assert subscriber.catching_up is None
+    assert stats.dropped[("chat", "slow_consumer_closed")] == 1

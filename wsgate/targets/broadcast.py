@@ -76,6 +76,7 @@ class BroadcastSubscriber:
 
     wants_json = False  # negotiated wsgate.v1.json: JSON deliveries with positions
     catching_up = None  # while the history is read: the live deliveries held back
+    held_bytes = 0  # their payload bytes (at most max_send_buffer, else 1013)
     floor = None  # (epoch, seq) sent from the history: live duplicates up to it are dropped
 
     def __init__(self, broker, channel, target, node_id, stats, route, flusher=None,
@@ -260,6 +261,13 @@ class BroadcastSubscriber:
             self.pending_bytes += len(message.payload)
             return
         if self.catching_up is not None:
+            self.held_bytes += len(message.payload)
+            if self.held_bytes > self.target.max_send_buffer:
+                # the history read is slow and the channel busy: bounded like a queue
+                self.catching_up = None
+                self.stats.drop(self.route, "slow_consumer_closed")
+                self.protocol.close_with(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+                return
             self.catching_up.append((message, prepared))
             return
         if self.floor is not None and message.pos is not None:
