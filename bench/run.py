@@ -289,6 +289,14 @@ POOL_SIZE = 3
 POOL_BALANCE = "least_conn"
 
 
+def add_upstream_figures(r, used, upstreams, before, unit):
+    """Add to the generator's result *r* how many upstreams the peer used, how their CPU
+    split since *before*, and their CPU µs per *unit* (messages or handshakes)."""
+    r["upstreams"] = len(used)
+    r["upstream_split"] = cpu_split(upstreams, before)
+    r["upstream_us"] = r["other_cpu_s"] / r[unit] * 1e6 if r[unit] else None
+
+
 def cpu_split(upstreams, before):
     """Each upstream's share of the upstreams' CPU since *before* (a list of CPU seconds)."""
     spent = [max(0.0, u.proc.cpu_seconds() - b) for u, b in zip(upstreams, before)]
@@ -354,10 +362,7 @@ def scenario_pool(args, p, results):
                                    other=[u.proc for u in used], path=path)
                     if r is None:
                         continue
-                    r["upstreams"] = len(used)
-                    r["upstream_split"] = cpu_split(upstreams, before)
-                    r["upstream_us"] = (r["other_cpu_s"] / r["messages"] * 1e6
-                                        if r["messages"] else None)
+                    add_upstream_figures(r, used, upstreams, before, "messages")
                     results.add("pool", config, name, r, rep)
                     log(summary_line(name, r, "messages", "msgs_per_s")
                         + f"  upstream {r['upstream_us'] or 0:.2f} µs"
@@ -380,10 +385,7 @@ def scenario_pool(args, p, results):
                     results.error("pool-handshake", name, config, str(exc))
                     continue
                 r["server_us"] = per_unit(r, "handshakes")
-                r["upstreams"] = len(used)
-                r["upstream_split"] = cpu_split(upstreams, before)
-                r["upstream_us"] = (r["other_cpu_s"] / r["handshakes"] * 1e6
-                                    if r["handshakes"] else None)
+                add_upstream_figures(r, used, upstreams, before, "handshakes")
                 results.add("pool-handshake", config, name, r, rep)
                 log(summary_line(name, r, "handshakes", "handshakes_per_s")
                     + f"  refused {r['refused']} errors {r['errors']} timeouts "
