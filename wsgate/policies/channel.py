@@ -26,8 +26,7 @@ only (:attr:`ChannelPolicy.needs_channel`, checked by the config's build).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -99,31 +98,32 @@ class Pattern:
     def matches(self, channel: str, identity: str | None,
                 claims: Mapping[str, Any]) -> bool:
         """Whether *channel* is one of the channels this pattern stands for, given the
-        request's *identity* and *claims*."""
-        return any(_glob_match(glob, channel)
-                   for glob in self._globs(channel, identity, claims))
+        request's *identity* and *claims*.
 
-    def _globs(self, channel: str, identity: str | None,
-               claims: Mapping[str, Any]) -> Iterator[list[str | _Star]]:
-        """The pattern with its placeholders substituted, one list of text and
-        wildcards per combination of values. A value that does not occur in
-        *channel* cannot be part of a match: leaving it out keeps the
-        combinations of several list claims few."""
-        choices: list[Sequence[str | _Star]] = []
+        The pieces are matched in order, keeping the set of places in *channel*
+        the pattern so far can end at: a placeholder's values are tried from each
+        of them, so a list claim costs its length times the channel's, never the
+        product of several lists' lengths (a token with a long list claim and a
+        pattern with a few placeholders cannot make this explode).
+        """
+        ends = {0}
         for piece in self.pieces:
-            if isinstance(piece, (str, _Star)):
-                choices.append((piece,))
+            values: Collection[str]
+            if isinstance(piece, _Star):
+                ends = set(range(min(ends), len(channel) + 1))
                 continue
-            if isinstance(piece, Identity):
-                values = [] if identity is None else [str(identity)]
-            else:
-                values = claim_values(claims, piece.name)
-            values = [value for value in values if value in channel]
-            if not values:
-                return  # nothing to substitute: the pattern matches nothing
-            choices.append(values)
-        for combination in itertools.product(*choices):
-            yield list(combination)
+            if isinstance(piece, str):
+                values = (piece,)
+            elif isinstance(piece, Identity):
+                values = () if identity is None else (str(identity),)
+            else:  # only values that occur in the channel can be part of a match
+                values = {value for value in claim_values(claims, piece.name)
+                          if value in channel}
+            ends = {end + len(value) for end in ends for value in values
+                    if channel.startswith(value, end)}
+            if not ends:
+                return False
+        return len(channel) in ends
 
 
 def _literal_pieces(literal: str) -> list[str | _Star]:
@@ -163,33 +163,6 @@ def _scalar(value: object) -> str | None:
     if isinstance(value, (bool, int, float)):
         return str(value)
     return None
-
-
-def _glob_match(glob: list[str | _Star], channel: str) -> bool:
-    """Whether *channel* matches *glob* (text and wildcards), the whole of it.
-
-    Adjacent texts are joined into pieces separated by wildcards; the first
-    piece must start the channel, the last end it, and the others follow in
-    order in between (taking each at its first place is never worse).
-    """
-    pieces = [""]
-    for part in glob:
-        if isinstance(part, _Star):
-            pieces.append("")
-        else:
-            pieces[-1] += part
-    if len(pieces) == 1:
-        return channel == pieces[0]
-    first, middle, last = pieces[0], pieces[1:-1], pieces[-1]
-    start, end = len(first), len(channel) - len(last)
-    if start > end or not channel.startswith(first) or not channel.endswith(last):
-        return False
-    for piece in middle:
-        found = channel.find(piece, start, end)
-        if found < 0:
-            return False
-        start = found + len(piece)
-    return True
 
 
 @dataclass(frozen=True)
