@@ -431,3 +431,55 @@ def test_deliveries_held_during_a_slow_history_read_are_bounded():
     assert closes == [(1013, "slow consumer")]
     assert subscriber.catching_up is None
     assert stats.dropped[("chat", "slow_consumer_closed")] == 1
+
+
+def test_a_recovery_joining_a_redis_read_sent_before_it_misses_no_live_message():
+    """Concurrent recoveries of a channel share one Redis read; a recovery that joins the
+    read late, after a message past the read's answer was delivered live (so before
+    this subscriber could receive it), gets that message too: no gap, no second read."""
+    from twisted.internet import defer
+
+    from wsgate.config.model import BrokerSettings
+    from wsgate.pubsub.redis import RedisBroker
+
+    class FakeRedis:
+        def __init__(self):
+            self.reads = []
+
+        def eval(self, script, keys, args):
+            self.reads.append(defer.Deferred())
+            return self.reads[-1]
+
+    def answer(d, last):  # READ_SCRIPT's answer: epoch, seq, entries 1..last
+        d.callback([b"e", str(last).encode(), [
+            (f"{n}-1".encode(), [b"t", b"0", b"h", b"wsg1 t n c", b"p", f"m{n}".encode()])
+            for n in range(1, last + 1)]])
+
+    broker = RedisBroker(BrokerSettings("r", "redis", url="redis://127.0.0.1:1/0"), Clock())
+    broker.configure(ChannelSettings([("room:{r}", ChannelPolicy(history=10))]))
+    redis = FakeRedis()
+    broker.command = lambda: redis
+    got = []
+    broker.recover("room:a", "e:0").addCallback(got.append)  # reads up to e:1
+    broker.recover("room:a", "e:0").addCallback(got.append)  # joins: nothing came live
+    broker._received(None, b"wsgate:room:a", encode(Message(b"m2", False, pos="e:2")))
+    broker.recover("room:a", "e:0").addCallback(got.append)  # joins after e:2 went by
+    assert len(redis.reads) == 1
+    answer(redis.reads[0], 1)
+    assert [payloads(r) for r in got[:2]] == [["m1"], ["m1"]]
+    assert payloads(got[2]) == ["m1", "m2"] and got[2].position == "e:2"
+    assert len(redis.reads) == 1  # one read for all three
+
+
+def test_recovered_frames_are_shared_per_channel_and_bounded_in_bytes():
+    """A position is unique within one channel's history only (Redis epochs are random):
+    the framing cache keys by channel too, and holds at most max_bytes of frames."""
+    from wsgate.targets.broadcast import _FramedHistory
+
+    frames = _FramedHistory(max_count=10, max_bytes=1000)
+    a = frames.get("room:a", Message(b"for a", False, pos="e:1"))
+    assert frames.get("room:a", Message(b"for a", False, pos="e:1")) is a
+    b = frames.get("room:b", Message(b"for b", False, pos="e:1"))
+    assert b is not a and b"for b" in b.payloadHybi
+    frames.get("room:c", Message(b"x" * 990, False, pos="e:1"))
+    assert frames.get("room:a", Message(b"for a", False, pos="e:1")) is not a  # evicted

@@ -292,10 +292,19 @@ class _SharedRead:
     """One READ_SCRIPT answer for every recovery of a channel that needs no older entry:
     when a thousand clients reconnect at once with the same position, Redis is read
     once (not a thousand times, each answer the whole history, each within the command
-    timeout) and the entries are parsed once."""
+    timeout) and the entries are parsed once.
+
+    A subscriber that joins a read sent before it subscribed may have missed a
+    live message the read does not hold either (published after Redis ran the
+    read, delivered here before the subscriber came). *live* keeps what the
+    channel delivered live while the read is under way; a joining recovery
+    notes how many there were and gets those that came after the answer
+    (:meth:`RedisBroker._recovery`), so the read stays shared.
+    """
 
     def __init__(self, first, d):
         self.first = first  # the first sequence number read
+        self.live = []  # messages with a position delivered live since the read was sent
         self.waiters = []
         self.epoch = None
         self.last = 0
@@ -489,7 +498,8 @@ class RedisBroker(MultiService):
 
     def recover(self, channel, since, limit=0, read=True):
         """A Deferred :class:`wsgate.pubsub.history.Recovery` of what followed *since*
-        (``None``: everything kept); fails while Redis is down."""
+        (``None``: everything kept); fails while Redis is down. A read under way for
+        the channel is shared (see :class:`_SharedRead`)."""
         policy = self.channel_settings(channel)
         if not policy.keeps_history:
             return defer.succeed(Recovery(None, False))
@@ -514,15 +524,23 @@ class RedisBroker(MultiService):
             if first:
                 self._reads[channel] = shared
                 d.addBoth(self._read_done, channel, shared)
-        return shared.wait().addCallback(self._recovery, policy, since, parsed, limit, read)
+        missed = len(shared.live)  # joined late: what came live before it subscribed
+        return shared.wait().addCallback(self._recovery, policy, since, parsed, limit, read,
+                                         missed)
 
     def _read_done(self, result, channel, shared):
         if self._reads.get(channel) is shared:
             del self._reads[channel]
         return result
 
-    def _recovery(self, shared, policy, since, parsed, limit, read):
+    def _recovery(self, shared, policy, since, parsed, limit, read, missed):
         epoch, last = shared.epoch, shared.last
+        entries = [(seq, t, message) for seq, t, message in shared.entries()]
+        for message in shared.live[:missed]:  # live before this recovery joined the read
+            live = parse_position(message.pos)
+            if live is not None and live[0] == epoch and live[1] > last:
+                entries.append((live[1], None, message))
+                last = live[1]
         position = format_position(epoch, last)
         if not read:
             return Recovery(position, True)
@@ -530,8 +548,8 @@ class RedisBroker(MultiService):
             return Recovery(position, False)
         cutoff = (self.reactor.seconds() - policy.history_ttl) * 1000 \
             if policy.history_ttl else None
-        entries = [(seq, message) for seq, t, message in shared.entries()
-                   if cutoff is None or t >= cutoff]
+        entries = [(seq, message) for seq, t, message in entries
+                   if cutoff is None or t is None or t >= cutoff]
         if policy.history and len(entries) > policy.history:  # MAXLEN ~ keeps a few more
             entries = entries[-policy.history:]
         start = parsed[1] if parsed else 0
@@ -549,7 +567,12 @@ class RedisBroker(MultiService):
         if not channel.startswith(self.prefix):
             return
         name = channel[len(self.prefix):].decode("utf-8", "replace")
-        self.local.fan_out(name, decode(data))
+        message = decode(data)
+        if self._reads and message.pos is not None:
+            shared = self._reads.get(name)
+            if shared is not None:
+                shared.live.append(message)
+        self.local.fan_out(name, message)
 
     @staticmethod
     def _log_failure(failure, command, channel):

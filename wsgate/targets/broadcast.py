@@ -17,15 +17,13 @@ Plain clients receive raw messages exactly as without history.
 """
 
 import collections
-from collections import deque
+import json
 from urllib.parse import parse_qs
 
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
-
-import json
 
 from wsgate import units
 from wsgate.fastpath_autobahn import FastTerminatedProtocol
@@ -45,10 +43,34 @@ CLOSE_TRY_AGAIN_LATER = 1013
 SUBPROTOCOL = "wsgate.v1.json"
 
 
-# History messages framed for wsgate.v1.json, by position (unique per channel history):
-# the most recently recovered ones, shared by the clients that recover them.
-_RECOVERED = collections.OrderedDict()
-_RECOVERED_MAX = 10000
+class _FramedHistory:
+    """History messages framed for ``wsgate.v1.json``, by channel and position: the most
+    recently recovered ones, shared by the clients that recover them, at most
+    *max_count* of them and *max_bytes* of frames (the oldest go first).
+
+    The channel is part of the key: a position is unique within one channel's
+    history only (Redis epochs are random, and two channels may draw the same).
+    """
+
+    def __init__(self, max_count=10000, max_bytes=64 * 1024 * 1024):
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self._frames = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, channel, message):
+        key = (channel, message.pos)
+        prepared = self._frames.get(key)
+        if prepared is None:
+            prepared = PreparedMessage(json_delivery(message), False, False, False)
+            self._frames[key] = prepared
+            self._bytes += len(prepared.payloadHybi)
+            while len(self._frames) > self.max_count or self._bytes > self.max_bytes:
+                _, old = self._frames.popitem(last=False)
+                self._bytes -= len(old.payloadHybi)
+        return prepared
+
+
+_RECOVERED = _FramedHistory()
 
 
 def _json(body):
@@ -93,7 +115,7 @@ class BroadcastSubscriber:
         self.protocol = None  # the IWebSocketConnection, once open
         self.conn_id = None
         self.paused = False
-        self.queue = deque()
+        self.queue = collections.deque()
         self.queued_bytes = 0
         self.pending = []
         self.pending_bytes = 0
@@ -182,11 +204,9 @@ class BroadcastSubscriber:
         parsed = parse_position(position)
         epoch, last = parsed if parsed else (None, 0)
         if self.since is not None:
-            if result.ok:
+            if result.ok:  # the entries run up to the position, *last*
                 for _, message in result.entries:
                     self._send_json(message)
-                last = parse_position(result.entries[-1][0])[1] if result.entries else \
-                    parse_position(self.since)[1]
             else:
                 self.protocol.send(_json({"type": "recovery_failed"}), False)
         self._release(held, epoch, last)
@@ -229,13 +249,8 @@ class BroadcastSubscriber:
         it (a thousand clients reconnecting at once recover the same messages)."""
         if message.origin_conn == self.conn_id and not self.target.include_sender:
             return
-        prepared = _RECOVERED.get(message.pos)
-        if prepared is None:
-            prepared = PreparedMessage(json_delivery(message), False, False, False)
-            _RECOVERED[message.pos] = prepared
-            if len(_RECOVERED) > _RECOVERED_MAX:
-                _RECOVERED.popitem(last=False)
-        self.protocol.send_prepared(prepared, len(message.payload), False)
+        self.protocol.send_prepared(_RECOVERED.get(self.channel, message),
+                                    len(message.payload), False)
 
     def message(self, protocol, payload, is_binary):
         if not self.target.client_publish:
