@@ -483,3 +483,33 @@ def test_recovered_frames_are_shared_per_channel_and_bounded_in_bytes():
     assert b is not a and b"for b" in b.payloadHybi
     frames.get("room:c", Message(b"x" * 990, False, pos="e:1"))
     assert frames.get("room:a", Message(b"for a", False, pos="e:1")) is not a  # evicted
+
+
+def test_the_subscribed_message_lists_at_most_a_thousand_members():
+    """Each join reads and sends the member list: in a crowded channel it is cut (and
+    says so), so a flood of joins does not cost the whole membership each time."""
+    from types import SimpleNamespace
+
+    from wsgate.metrics import Stats
+    from wsgate.pubsub.presence import member
+    from wsgate.targets.broadcast import MEMBERS_IN_SUBSCRIBED, BroadcastSubscriber, \
+        BroadcastTarget
+
+    broker = MemoryBroker(Clock(), ChannelSettings([("room:{r}", ChannelPolicy(
+        presence=True))]))
+    for n in range(MEMBERS_IN_SUBSCRIBED + 500):
+        broker.presence.join("room:a", member(f"c{n}", None, "node", float(n)))
+    sent = []
+    protocol = SimpleNamespace(
+        connection=SimpleNamespace(conn_id="me", identity=None, since=1e9),
+        send_buffer=SimpleNamespace(listener=None), state="open", STATE_OPEN="open",
+        send=lambda payload, is_binary: sent.append(json.loads(payload)))
+    subscriber = BroadcastSubscriber(broker, "room:a", BroadcastTarget(
+        "room:a", policy=ChannelPolicy(presence=True)), "node", Stats(), "chat")
+    subscriber.choose_subprotocol(["wsgate.v1.json"])
+    subscriber.opened(protocol)
+    (subscribed,) = sent
+    assert subscribed["type"] == "subscribed"
+    assert len(subscribed["members"]) == MEMBERS_IN_SUBSCRIBED
+    assert subscribed["members_truncated"] is True
+    assert subscribed["members"][0]["id"] == "c0"  # the oldest first

@@ -42,9 +42,11 @@ class MemoryPresence:
             if not members:
                 del self._channels[channel]
 
-    def members(self, channel: str) -> defer.Deferred[list[dict[str, Any]]]:
-        return defer.succeed(sorted(self._channels.get(channel, {}).values(),
-                                    key=lambda m: (m["since"], m["id"])))
+    def members(self, channel: str, limit: int = 0) -> defer.Deferred[list[dict[str, Any]]]:
+        """The channel's members, oldest first; at most *limit* of them (0: all)."""
+        members = sorted(self._channels.get(channel, {}).values(),
+                         key=lambda m: (m["since"], m["id"]))
+        return defer.succeed(members[:limit] if limit else members)
 
 
 class RedisPresence(MemoryPresence):
@@ -106,7 +108,9 @@ class RedisPresence(MemoryPresence):
         d.addErrback(lambda failure: None)  # an outage: the refresh repeats it
         return d
 
-    def members(self, channel: str) -> defer.Deferred[list[dict[str, Any]]]:
+    def members(self, channel: str, limit: int = 0) -> defer.Deferred[list[dict[str, Any]]]:
+        """The channel's members across processes (expired ones dropped first); at most
+        *limit* of them (0: all), which ones then is Redis's choice."""
         try:
             protocol = self.broker.command()
         except Exception as e:
@@ -114,7 +118,7 @@ class RedisPresence(MemoryPresence):
         key = self._key(channel)
         now = int(self.clock.seconds() * 1000)
         d = protocol.execute_command("ZREMRANGEBYSCORE", key, b"-inf", now)
-        d.addCallback(lambda _: protocol.execute_command("ZRANGE", key, 0, -1))
+        d.addCallback(lambda _: protocol.execute_command("ZRANGE", key, 0, limit - 1))
 
         def parse(values: list[bytes]) -> list[dict[str, Any]]:
             result = []

@@ -41,6 +41,9 @@ _log = Logger()
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 SUBPROTOCOL = "wsgate.v1.json"
+# At most this many members in a `subscribed` message: each join reads and sends the list,
+# so a crowded channel must not make every join cost its whole membership.
+MEMBERS_IN_SUBSCRIBED = 1000
 
 
 class _FramedHistory:
@@ -188,7 +191,7 @@ class BroadcastSubscriber:
         if not self.target.policy.presence or getattr(self.broker, "presence", None) is None:
             self._caught_up(result)
             return
-        d = self.broker.presence.members(self.channel)
+        d = self.broker.presence.members(self.channel, MEMBERS_IN_SUBSCRIBED)
         d.addErrback(lambda failure: None)
         d.addCallback(lambda members: self._caught_up(result, members))
 
@@ -200,6 +203,8 @@ class BroadcastSubscriber:
         subscribed = {"type": "subscribed", "pos": position, "id": self.conn_id}
         if members is not None:
             subscribed["members"] = members
+            if len(members) >= MEMBERS_IN_SUBSCRIBED:
+                subscribed["members_truncated"] = True  # GET .../presence lists them all
         self.protocol.send(_json(subscribed), False)
         parsed = parse_position(position)
         epoch, last = parsed if parsed else (None, 0)
