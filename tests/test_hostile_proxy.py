@@ -29,8 +29,11 @@ from websockets.exceptions import ConnectionClosed
 from harness import (
     NodeUpstream,
     admin_text,
+    parse_response,
+    raw_request,
     run,
     start_gateway,
+    upgrade_request,
 )
 from rawws import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, Figures, RawClient,
                    close_frame, deflate_bomb, frame, open_fds)
@@ -246,10 +249,12 @@ def test_client_close_with_a_forbidden_code_gets_1002_and_upstream_1001(gateway,
 
 class _RawUpstream:
     """An upstream that answers the upgrade, sends one close frame of the test's making
-    (unmasked), and records the close frame the gateway sends back."""
+    (unmasked), and records the close frame the gateway sends back. Its 101 may carry a
+    header of *pad* bytes and be written *chunk* bytes at a time (a hostile head)."""
 
-    def __init__(self, payload):
+    def __init__(self, payload, pad=0, chunk=None):
         self.payload = payload
+        self.pad, self.chunk = pad, chunk
         self.reply = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(10)
@@ -268,15 +273,28 @@ class _RawUpstream:
                    if line.lower().startswith(b"sec-websocket-key:")][0]
             accept = base64.b64encode(hashlib.sha1(
                 key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            conn.sendall(frame(OP_CLOSE, self.payload, mask=False))
-            data = b""
-            while len(data) < 8:  # the gateway's close: masked, at least 2 + 4 + 2 bytes
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
+            head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n")
+            if self.pad:
+                head += b"X-Pad: " + b"a" * self.pad + b"\r\n"
+            head += b"\r\n"
+            try:
+                if self.chunk:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    for i in range(0, len(head), self.chunk):
+                        conn.sendall(head[i:i + self.chunk])
+                        time.sleep(0.001)
+                else:
+                    conn.sendall(head)
+                conn.sendall(frame(OP_CLOSE, self.payload, mask=False))
+                data = b""
+                while len(data) < 8:  # the gateway's close: masked, at least 2 + 4 + 2 bytes
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+            except OSError:
+                return  # the gateway cut it off
             masked = data[6:8]
             code = bytes(b ^ data[2 + i] for i, b in enumerate(masked))
             self.reply = (data[0] & 0x0F, struct.unpack("!H", code)[0])
@@ -303,6 +321,51 @@ upstream = ws://127.0.0.1:{raw.port}/
         raw.stop()
         assert (code, reason) == (1001, b"going away")
         assert raw.reply == (OP_CLOSE, 1007 if name == "bad-utf8" else 1002)
+    finally:
+        assert gw.stop() == 0
+
+
+def test_an_upstream_101_head_over_the_limit_gets_502_at_once(tmp_path):
+    """A 101 whose head is larger than 16 KiB is refused on its size (as a client's
+    request head is), however it arrives: not relayed, and not after the timeout."""
+    raw = _RawUpstream(struct.pack("!H", 1000), pad=20 * 1024)
+    gw = start_gateway(tmp_path, f"""
+[route:raw]
+path = /raw
+upstream = ws://127.0.0.1:{raw.port}/
+upstream_timeout = 5s
+""")
+    try:
+        started = time.monotonic()
+        status, _, _ = parse_response(raw_request(gw.port(), upgrade_request("/raw")))
+        took = time.monotonic() - started
+        raw.stop()
+        assert status == 502
+        assert took < 2.0, took
+        event = gw.wait_event(lambda e: e.get("event") == "websocket.connection.rejected")
+        assert event["reason"] == "upstream_rejected", event
+    finally:
+        assert gw.stop() == 0
+
+
+def test_an_upstream_101_sent_byte_by_byte_is_read_whole_and_relayed(tmp_path):
+    raw = _RawUpstream(struct.pack("!H", 4000) + b"done", chunk=1)
+    gw = start_gateway(tmp_path, f"""
+[route:raw]
+path = /raw
+upstream = ws://127.0.0.1:{raw.port}/
+""")
+    try:
+        client = RawClient(gw.port(), "/raw")
+        try:
+            code, reason, _ = client.recv_until_close()
+            client.send(close_frame(4000, b"done"))
+            assert client.wait_closed(5)
+        finally:
+            client.close()
+        raw.stop()
+        assert (code, reason) == (4000, b"done")
+        assert raw.reply == (OP_CLOSE, 4000)
     finally:
         assert gw.stop() == 0
 

@@ -16,8 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +27,7 @@ from wsgate.settings import SettingError
 from wsgate.targets import TargetType
 from wsgate.targets.relay import Relay
 from wsgate.upstreams.config import UpstreamURL, check_placeholders, parse_url
+from wsgate.upstreams.health import connect_to
 from wsgate.upstreams.pools import request_hash_value
 
 _log = Logger()
@@ -98,9 +98,8 @@ class UpstreamLeg(Protocol):
 
     def __init__(self, request, ready):
         self.request = request
-        self.ready = ready  # fires with (self, status line, headers, extra bytes)
+        self.ready = ready  # fires with (self, status, headers, extra bytes)
         self.relay = None
-        self.headers = []  # the upstream's response headers
         self._buffer = b""
 
     def connectionMade(self):
@@ -110,9 +109,13 @@ class UpstreamLeg(Protocol):
         if self.relay is not None:
             self.relay.from_upstream(data)
             return
+        scanned = len(self._buffer)
         self._buffer += data
-        end = http.find_head_end(self._buffer)
-        if end < 0:
+        # Only the new bytes are searched (a head sent byte by byte costs no more than
+        # one sent at once), and the bound holds however the head is split.
+        end = self._buffer.find(b"\r\n\r\n", max(0, scanned - 3))
+        end = -1 if end < 0 else end + 4
+        if end < 0 or end > http.MAX_HEAD_BYTES:
             if len(self._buffer) > http.MAX_HEAD_BYTES:
                 self._fail(TryFailed("bad_handshake", "response head too large"))
             return
@@ -130,7 +133,6 @@ class UpstreamLeg(Protocol):
             name, sep, value = line.partition(":")
             if sep:
                 headers.append((name.strip(), value.strip()))
-        self.headers = headers
         if not self.ready.called:
             self.ready.callback((self, status, headers, extra))
 
@@ -148,8 +150,7 @@ class UpstreamLeg(Protocol):
 
 def _lost(reason):
     value = reason.value
-    module = type(value).__module__
-    if module.startswith(("OpenSSL", "service_identity")):
+    if _is_tls(reason):
         return TryFailed("tls", f"TLS verification failed: {value}")
     if isinstance(value, error.ConnectionDone):
         return TryFailed("closed", "closed the connection without answering")
@@ -164,27 +165,17 @@ def try_server(request, url, tls_options, timeout):
     :class:`TryFailed` (no answer within *timeout* seconds included).
     Cancelling closes whatever was opened.
     """
-    reactor, head = request.gateway.reactor, request.head
-    endpoint = HostnameEndpoint(reactor, url.host, url.port,
-                                timeout=max(1, int(timeout + 0.999)))
-    if tls_options is not None:
-        endpoint = wrapClientTLS(tls_options, endpoint)
-    state = {}
-
-    def give_up(failure):
-        leg = state["leg"]
+    def give_up(failure):  # (the timer, or the canceller: both run after connect_to)
         if leg.transport is not None:
             leg.transport.abortConnection()
-        if not state["connecting"].called:
-            state["connecting"].cancel()
+        if not connecting.called:
+            connecting.cancel()
         if not ready.called:
             ready.errback(failure)
 
     ready = defer.Deferred(lambda d: give_up(defer.CancelledError()))
-    leg = state["leg"] = UpstreamLeg(upstream_request(request, url), ready)
-    factory = Factory.forProtocol(lambda: leg)
-    factory.noisy = False
-    connecting = state["connecting"] = endpoint.connect(factory)
+    leg = UpstreamLeg(upstream_request(request, url), ready)
+    connecting = connect_to(request.gateway.reactor, url, leg, timeout, tls_options)
 
     def connect_failed(failure):
         if not ready.called:
@@ -202,7 +193,7 @@ def try_server(request, url, tls_options, timeout):
             timer.cancel()
         return result
     ready.addBoth(cancel_timer)
-    ready.addCallback(_check_response, head)
+    ready.addCallback(_check_response, request.head)
     return ready
 
 
@@ -251,7 +242,7 @@ class Handshake:
         self.failures = []  # (label, TryFailed)
         self.result = defer.Deferred(self._cancelled)
         self._try = None
-        self._choice = None
+        self._try_started = None
         self._client_left = False
 
     def run(self):
@@ -268,7 +259,6 @@ class Handshake:
             self._give_up()
             return
         self.tried.add(choice.url.key)
-        self._choice = choice
         self._try_started = self.clock.seconds()
         d = self._try = try_server(self.request, choice.url, choice.tls_options,
                                    min(self.target.try_timeout, remaining))
@@ -458,10 +448,6 @@ class UpstreamTarget(_Proxying):
         return self.upstream.url
 
     @property
-    def display_url(self):
-        return self.upstream.url
-
-    @property
     def try_timeout(self):
         return self.timeout
 
@@ -498,10 +484,6 @@ class PoolTarget(_Proxying):
         return "@" + self.pool
 
     @property
-    def display_url(self):
-        return "@" + self.pool
-
-    @property
     def tries(self):
         return self.settings.tries
 
@@ -518,10 +500,10 @@ class PoolTarget(_Proxying):
         pool = upstreams.pools.get(self.pool)
         if pool is None:
             return None
-        server = pool.choose(request, tried, upstreams.clock.seconds())
+        hashed = request_hash_value(pool.settings, request)
+        server = pool.choose(hashed, tried, upstreams.clock.seconds())
         if server is None:
             return None
-        hashed = request_hash_value(pool.settings, request)
         return _Choice(server.spec.url, (self.tls_by_server or {}).get(server.spec.entry_key),
                        server, pool.lease(server, request.connection, hashed), upstreams)
 

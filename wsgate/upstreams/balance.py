@@ -53,9 +53,9 @@ def smooth_weighted(candidates: Sequence[S], key: Callable[[S], str],
     return best
 
 
-def _unit(key: str, server: str) -> float:
-    """A uniform number in (0, 1) from the pair (*key*, *server*)."""
-    digest = hashlib.blake2b(f"{server}\0{key}".encode("utf-8", "surrogatepass"),
+def _unit(key_digest: bytes, server: str) -> float:
+    """A uniform number in (0, 1) from the pair (*key_digest*, *server*)."""
+    digest = hashlib.blake2b(server.encode("utf-8", "surrogatepass") + b"\0" + key_digest,
                              digest_size=8).digest()
     return (int.from_bytes(digest, "big") + 1) / (_TWO_64 + 1)
 
@@ -70,7 +70,12 @@ def rendezvous_order(hash_key: str, servers: Sequence[S], key: Callable[[S], str
     of N moves only the keys that server wins or held: about 1/N of them.
     Each score is ``-weight / ln(u)`` (Schindelhauer and Schomaker), so a
     server of weight 2 wins twice as many keys as one of weight 1.
+
+    The key is digested once, so each server's score costs the same however
+    long the key is (a header or cookie value is the client's to choose).
     """
-    scored = sorted(((-weight(s) / math.log(_unit(hash_key, key(s))), key(s), i)
+    key_digest = hashlib.blake2b(hash_key.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).digest()
+    scored = sorted(((-weight(s) / math.log(_unit(key_digest, key(s))), key(s), i)
                      for i, s in enumerate(servers)), reverse=True)
     return [servers[i] for _, _, i in scored]

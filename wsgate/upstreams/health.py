@@ -32,7 +32,19 @@ from wsgate import frames, http
 
 _log = Logger()
 
-_MAX_ANSWER = 16 * 1024  # bytes of a response head
+
+def connect_to(reactor: Any, url: Any, protocol: Any, timeout: float,
+               tls_options: Any = None) -> defer.Deferred:
+    """Connect *protocol* to the server of *url* (:class:`UpstreamURL`), over TLS with
+    *tls_options*: the endpoint's Deferred. Its own timeout is whole seconds and covers
+    the TCP connect only: callers time the whole exchange themselves."""
+    endpoint = HostnameEndpoint(reactor, url.host, url.port,
+                                timeout=max(1, int(timeout + 0.999)))
+    if tls_options is not None:
+        endpoint = wrapClientTLS(tls_options, endpoint)
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return endpoint.connect(factory)
 
 
 class _Probe(Protocol):
@@ -50,7 +62,7 @@ class _Probe(Protocol):
         self._buffer += data
         line_end = self._buffer.find(b"\r\n")
         if line_end < 0:
-            if len(self._buffer) > _MAX_ANSWER:
+            if len(self._buffer) > http.MAX_HEAD_BYTES:
                 self._finish(False, "an answer without a status line")
             return
         parts = self._buffer[:line_end].split(b" ", 2)
@@ -86,14 +98,9 @@ def probe(reactor: Any, url: Any, path: str, timeout: float, tls_options: Any = 
         ("Host", url.host_header), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
         ("Sec-WebSocket-Key", key), ("Sec-WebSocket-Version", "13"),
         ("User-Agent", "wsgate-health-check")])
-    endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=max(1, int(timeout + 0.999)))
-    if tls_options is not None:
-        endpoint = wrapClientTLS(tls_options, endpoint)
     done: defer.Deferred = defer.Deferred()
     protocol = _Probe(request, done)
-    factory = Factory.forProtocol(lambda: protocol)
-    factory.noisy = False
-    connecting = endpoint.connect(factory)
+    connecting = connect_to(reactor, url, protocol, timeout, tls_options)
 
     def connect_failed(failure):
         if not done.called:

@@ -172,16 +172,15 @@ class Pool:
                 return server
         return None
 
-    def choose(self, request: Any, tried: set[str], now: float) -> Server | None:
-        """The server for the next try of *request*, not one in *tried* (keys), or None.
+    def choose(self, hashed: str | None, tried: set[str], now: float) -> Server | None:
+        """The server for the next try of a request, not one in *tried* (keys), or None.
 
+        *hashed* is the request's :func:`request_hash_value`: a request with one
+        goes by the hash order, one without (in any pool) by the balance.
         Backups are chosen only when no other server is up and untried.
         """
-        settings = self.settings
-        if settings.balance == "hash":
-            value = hash_value(settings.hash_key, request)
-            if value is not None:
-                return self._by_hash(value, tried, now)
+        if hashed is not None:
+            return self._by_hash(hashed, tried, now)
         for backup in (False, True):
             candidates = [s for s in self.servers if s.spec.backup is backup
                           and s.key not in tried and s.state(now) == "up"]
