@@ -8,6 +8,7 @@ the route, so :func:`check_placeholders` runs when a route names the pool.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -110,8 +111,6 @@ class ServerSpec:
     @property
     def resolvable(self) -> bool:
         """Whether its host is a name (``resolve`` looks it up), not an address."""
-        import ipaddress
-
         try:
             ipaddress.ip_address(self.url.host)
         except ValueError:
@@ -124,6 +123,8 @@ def parse_servers(text: str) -> tuple[ServerSpec, ...]:
     entries = [entry.strip() for entry in text.split(",")]
     if not any(entries):
         raise ValueError("expected at least one server URL")
+    if len(entries) > MAX_SERVERS:  # before parsing each one
+        raise ValueError(f"at most {MAX_SERVERS} servers")
     servers, seen = [], set()
     for entry in entries:
         if not entry:
@@ -151,8 +152,6 @@ def parse_servers(text: str) -> tuple[ServerSpec, ...]:
             raise ValueError(f"{url.key} is listed twice")
         seen.add(url.key)
         servers.append(ServerSpec(url, **flags))
-    if len(servers) > MAX_SERVERS:
-        raise ValueError(f"at most {MAX_SERVERS} servers")
     if all(server.backup for server in servers):
         raise ValueError("every server is a backup: at least one must not be")
     if len({server.url.scheme for server in servers}) > 1:

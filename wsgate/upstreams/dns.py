@@ -15,6 +15,7 @@ the addresses it had, so a DNS outage never empties a pool.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
@@ -86,15 +87,14 @@ def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             raise ValueError("an empty entry between commas")
-        host, port = entry, 53
+        host, port_text = entry, "53"
         if entry.startswith("["):
             host, _, rest = entry[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") else 53
+            if rest.startswith(":"):
+                port_text = rest[1:]
         elif entry.count(":") == 1:
             host, _, port_text = entry.partition(":")
-            port = int(port_text) if port_text.isdigit() else -1
-        import ipaddress
-
+        port = int(port_text) if port_text.isdigit() else -1
         try:
             ipaddress.ip_address(host)
         except ValueError:

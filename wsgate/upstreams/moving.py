@@ -38,25 +38,27 @@ TOLERANCE_MIN = 2  # ... or ± 2 connections, whichever is more, before rebalanc
 TICK = 0.1  # seconds between the rebalancer's looks
 
 
+def _relaying(lease: Any) -> bool:
+    """Whether *lease*'s connection is past its handshake (it has a relay to close)."""
+    return lease.connection is not None and lease.connection.protocol is not None
+
+
+def _movable(lease: Any) -> bool:
+    return not lease.moving and _relaying(lease)
+
+
 def movable(server: Any) -> list[Any]:
     """The leases of *server* whose connection is relaying and not being moved already,
     the youngest first (they lose the least)."""
-    leases = [lease for lease in server.leases if not lease.moving and
-              lease.connection is not None and lease.connection.protocol is not None]
+    leases = [lease for lease in server.leases if _movable(lease)]
     leases.sort(key=lambda lease: lease.connection.since, reverse=True)
     return leases
 
 
 def _youngest(server: Any) -> Any:
     """``movable(server)[0]`` without sorting them all (one pass)."""
-    best, since = None, None
-    for lease in server.leases:
-        connection = lease.connection
-        if lease.moving or connection is None or connection.protocol is None:
-            continue
-        if since is None or connection.since > since:
-            best, since = lease, connection.since
-    return best
+    return max((lease for lease in server.leases if _movable(lease)),
+               key=lambda lease: lease.connection.since, default=None)
 
 
 def move(lease: Any, reason: str) -> None:
@@ -141,8 +143,7 @@ class Drain:
 
 
 def _handshaking(server: Any) -> bool:
-    return any(lease.connection is None or lease.connection.protocol is None
-               for lease in server.leases)
+    return not all(_relaying(lease) for lease in server.leases)
 
 
 def _tolerance(share: float) -> float:
@@ -196,8 +197,7 @@ def _misplaced(pool: Any, servers: list[Any]) -> Any:
     for server in servers:
         for lease in server.leases:
             value = lease.hash_value
-            if value is None or lease.moving or lease.connection is None or \
-                    lease.connection.protocol is None:
+            if value is None or not _movable(lease):
                 continue
             owner = owners.get(value)
             if owner is None:
