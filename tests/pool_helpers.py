@@ -1,8 +1,8 @@
 """What the upstream pool tests over real sockets share: Node upstreams, gateways with an
 admin listener, pool configs, reloads and the admin API's view of a pool.
 
-Imported by test_pools_balance.py and test_pools_moving.py (pytest finds the fixtures
-where a test module imports them).
+Imported by the test_pools*.py modules (pytest finds the fixtures where a test module
+imports them).
 """
 
 import asyncio
@@ -99,6 +99,13 @@ def upstreams(gw, pool="app"):
     return {server["server"]: server for server in found["servers"]}
 
 
+def metrics(gw):
+    """``GET /metrics`` (admin): the Prometheus text."""
+    status, body = admin_text(gw, "GET", "/metrics", TOKEN)
+    assert status == 200, body
+    return body
+
+
 def live(gw, pool="app"):
     """server key → live connections, as ``/upstreams`` says."""
     return {name: server["connections"] for name, server in upstreams(gw, pool).items()}
@@ -113,3 +120,14 @@ async def wait_until(read, done, timeout=10, interval=0.05):
             return value
         assert time.monotonic() < deadline, f"still {value}"
         await asyncio.sleep(interval)
+
+
+def poll(read, done, timeout=15, interval=0.05):
+    """Call *read* until *done* of its value; return the value (fail with the last one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out; last value: {value}"
+        time.sleep(interval)

@@ -11,13 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from harness import NodeUpstream, admin_text, metric, run, start_gateway
-
-TOKEN = "T0KEN"
-ADMIN = f"""
-[admin]
-endpoint = tcp:0:interface=127.0.0.1
-token = {TOKEN}
-"""
+from pool_helpers import ADMIN, TOKEN, poll, pool_config
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +22,8 @@ def servers():
         node.stop()
 
 
-def _pool(servers, extra=""):
-    urls = ", ".join(f"ws://127.0.0.1:{node.port}/whoami" for node in servers)
-    return f"""
-[upstream:app]
-servers = {urls}
-{extra}
-
-[route:app]
-path = /app
-upstream = @app
-"""
-
-
 def test_a_pool_proxies_spreads_and_reports_its_servers(tmp_path, servers):
-    gw = start_gateway(tmp_path, ADMIN + _pool(servers), listeners=("main", "admin"))
+    gw = start_gateway(tmp_path, ADMIN + pool_config(servers), listeners=("main", "admin"))
 
     async def scenario():
         clients = [await connect(gw.url("/app")) for _ in range(30)]
@@ -71,21 +52,9 @@ def test_a_pool_proxies_spreads_and_reports_its_servers(tmp_path, servers):
                   result="ok") == 30
     assert admin_text(gw, "GET", "/upstreams")[0] == 401  # the token is required
     # every connection closed: the counts come back to 0
-    body = _wait_for(lambda: json.loads(admin_text(gw, "GET", "/upstreams", TOKEN)[1]),
-                     lambda b: [s["connections"] for s in b["pools"][0]["servers"]] == [0] * 3)
+    poll(lambda: json.loads(admin_text(gw, "GET", "/upstreams", TOKEN)[1]),
+         lambda b: [s["connections"] for s in b["pools"][0]["servers"]] == [0] * 3, timeout=10)
     assert gw.stop() == 0
-
-
-def _wait_for(read, done, timeout=10):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            assert done(value), value
-            return value
-        time.sleep(0.05)
 
 
 def test_unknown_pool_is_a_config_error(tmp_path):

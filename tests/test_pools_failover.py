@@ -29,13 +29,8 @@ from harness import (
     start_gateway,
     write_config,
 )
+from pool_helpers import ADMIN, TOKEN, key, metrics, poll, run, upstreams
 
-TOKEN = "P00L-T0KEN"
-ADMIN = f"""
-[admin]
-endpoint = tcp:0:interface=127.0.0.1
-token = {TOKEN}
-"""
 LISTENERS = ("main", "admin")
 
 
@@ -87,50 +82,15 @@ upstream = @{name}
 """
 
 
-def key(port):
-    return f"127.0.0.1:{port}"
-
-
 def upstream_events(gw):
     return [(e["event"], e.get("server"), e.get("why")) for e in list(gw.events)
             if e.get("event", "").startswith("wsgate.upstream.")]
-
-
-def run(coro, timeout=90):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def upstreams(gw, pool="app"):
-    """``GET /upstreams``: *pool*'s servers by key."""
-    status, body = admin_text(gw, "GET", "/upstreams", TOKEN)
-    assert status == 200, body
-    for entry in json.loads(body)["pools"]:
-        if entry["pool"] == pool:
-            return {server["server"]: server for server in entry["servers"]}
-    raise AssertionError(f"no pool {pool} in {body}")
-
-
-def metrics(gw):
-    status, body = admin_text(gw, "GET", "/metrics", TOKEN)
-    assert status == 200, body
-    return body
 
 
 def failures(gw, server_key, reason, pool="app"):
     value = metric(metrics(gw), "wsgate_upstream_failures_total", pool=pool,
                    server=server_key, reason=reason)
     return 0 if value is None else value
-
-
-def wait_until(read, done, timeout=15, interval=0.05):
-    """Poll *read* until *done* of its value; return the value (fail with the last one)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out; last value: {value}"
-        time.sleep(interval)
 
 
 class Refused:
@@ -220,7 +180,7 @@ def test_a_killed_server_costs_its_clients_only_and_comes_back_after_rise(tmp_pa
     down = gw.wait_event(lambda e: e.get("event") == "wsgate.upstream.down"
                          and e.get("server") == victim_key, timeout=10)
     assert down["pool"] == "app" and down["why"] and "connections" in down
-    state = wait_until(lambda: upstreams(gw)[victim_key], lambda s: s["state"] == "down")
+    state = poll(lambda: upstreams(gw)[victim_key], lambda s: s["state"] == "down")
     assert state["last_check"] and state["last_check"]["ok"] is False
     assert metric(metrics(gw), "wsgate_upstream_up", pool="app", server=victim_key) == 0
     assert {k: s["state"] for k, s in upstreams(gw).items() if k != victim_key} == \
@@ -272,7 +232,7 @@ def test_a_server_back_after_rise_is_up_even_if_passive_health_had_taken_it_out(
     results = run(kill_and_fail_over())
     assert [port_of(first) for _, first in results] == [steady.port] * 3
     assert upstreams(gw)[flaky_key]["failures"].get("refused", 0) >= 1  # passive: out
-    wait_until(lambda: upstreams(gw)[flaky_key], lambda s: s["state"] == "down")
+    poll(lambda: upstreams(gw)[flaky_key], lambda s: s["state"] == "down")
     node(stack, PORT=port)
     gw.wait_event(lambda e: e.get("event") == "wsgate.upstream.up"
                   and e.get("server") == flaky_key, timeout=10)
@@ -286,6 +246,25 @@ def test_a_server_back_after_rise_is_up_even_if_passive_health_had_taken_it_out(
         return port_of(first)
 
     assert run(lands_there()) == port
+    assert gw.stop() == 0
+
+
+def test_a_backup_takes_connections_only_when_no_primary_is_left(tmp_path, stack):
+    primary, backup = node(stack), node(stack)
+    gw = gateway(stack, tmp_path, pool_config(
+        [f"ws://127.0.0.1:{primary.port}/whoami", f"ws://127.0.0.1:{backup.port}/whoami backup"]))
+
+    async def ten():
+        results = [await handshake(gw.url("/app")) for _ in range(10)]
+        assert not [r for r in results if isinstance(r, Refused)], results
+        await close_all([ws for ws, _ in results])
+        return [port_of(first) for _, first in results]
+
+    assert run(ten()) == [primary.port] * 10  # the backup idles while the primary is up
+    primary.proc.kill()
+    primary.proc.wait()
+    assert run(ten()) == [backup.port] * 10  # failover to it, then it alone
+    assert upstreams(gw)[key(primary.port)]["failures"].get("refused", 0) >= 1
     assert gw.stop() == 0
 
 
@@ -380,13 +359,13 @@ def test_a_5xx_from_every_server_is_a_502_after_tries_servers(tmp_path, stack):
 
     result = run(one("/app"))
     assert getattr(result, "status", result) == 502
-    assert wait_until(refusals, lambda counts: sum(counts) >= 3) == [1, 1, 1]
+    assert poll(refusals, lambda counts: sum(counts) >= 3) == [1, 1, 1]
     servers = upstreams(gw)
     assert [servers[key(n.port)]["failures"] for n in nodes] == [{"http_5xx": 1}] * 3
 
     result = run(one("/two"))
     assert getattr(result, "status", result) == 502
-    wait_until(refusals, lambda counts: sum(counts) >= 5)
+    poll(refusals, lambda counts: sum(counts) >= 5)
     time.sleep(0.3)  # a third try would have reached a server by now
     assert sum(refusals()) == 5, refusals()
     two = upstreams(gw, "two")
@@ -449,8 +428,8 @@ def test_passive_health_takes_a_failing_server_out_for_fail_timeout(tmp_path, st
     assert state["failures"] == {"refused": 2}
 
     # after fail_timeout it is up again, and one try decides: it fails, it is out again
-    state = wait_until(lambda: upstreams(gw)[dead_key], lambda s: s["state"] != "failed",
-                       timeout=10)
+    state = poll(lambda: upstreams(gw)[dead_key], lambda s: s["state"] != "failed",
+                 timeout=10)
     assert state["state"] == "up"
     for _ in range(4):
         assert through(1) == [working.port]
@@ -483,9 +462,9 @@ def test_upstreams_on_the_parent_sums_the_workers(tmp_path, stack):
     gw = gateway(stack, tmp_path, pool_config(
         [f"ws://127.0.0.1:{n.port}/whoami" for n in nodes]
         + [f"ws://127.0.0.1:{disabled}/whoami down"]), base=WORKERS_BASE)
-    wait_until(lambda: admin_text(gw, "GET", "/healthz"),
-               lambda answer: answer[0] == 200 and len(json.loads(answer[1])["workers"]) == 2,
-               timeout=20, interval=0.2)
+    poll(lambda: admin_text(gw, "GET", "/healthz"),
+         lambda answer: answer[0] == 200 and len(json.loads(answer[1])["workers"]) == 2,
+         timeout=20, interval=0.2)
 
     async def scenario():
         # 20 clients, opened concurrently so that both workers accept some (the sum means
@@ -517,8 +496,7 @@ def test_upstreams_on_the_parent_sums_the_workers(tmp_path, stack):
     assert servers[key(disabled)]["workers"] == {"0": "disabled", "1": "disabled"}
     assert admin_text(gw, "GET", "/upstreams")[0] == 401  # the token is required
     # every connection closed: the sums come back to 0
-    wait_until(lambda: upstreams(gw),
-               lambda s: sum(entry["connections"] for entry in s.values()) == 0)
+    poll(lambda: upstreams(gw), lambda s: sum(entry["connections"] for entry in s.values()) == 0)
     assert gw.stop() == 0
 
 
