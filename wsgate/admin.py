@@ -22,7 +22,6 @@ from twisted.web import resource, server
 
 from wsgate import frames, http, metrics
 from wsgate.gateway import DRAIN_SPREAD_MAX
-from wsgate.config.build import channel_settings
 from wsgate.pubsub import Message, json_delivery
 
 _log = Logger()
@@ -214,7 +213,7 @@ class Connections(_Base):
     def render_DELETE(self, request):
         if not self.authorized(request):
             return self.deny(request)
-        conn_id = request.postpath[0].decode() if request.postpath else ""
+        conn_id = request.postpath[0].decode("utf-8", "replace") if request.postpath else ""
         args = request.args
         try:
             code = int(args.get(b"code", [b"1008"])[0])
@@ -324,7 +323,7 @@ class Channels(_Base):
         if len(parts) < 2 or parts[-1] not in ("presence", "history"):
             return _json(request, 404, {"error": "not found"})
         channel = "/".join(parts[:-1])
-        policy = self.admin.channel_policy(channel)
+        policy = self.admin.gateway.channel_settings(channel)  # the config in force's
         if parts[-1] == "presence":
             if not policy.presence or getattr(broker, "presence", None) is None:
                 return _json(request, 404, {"error": "no presence on this channel",
@@ -413,10 +412,6 @@ class AdminSite(server.Site):
     @property
     def node_id(self):
         return self.gateway.node_id
-
-    def channel_policy(self, channel):
-        """What the config in force keeps for *channel* (history, presence)."""
-        return channel_settings(self.gateway.config)(channel)
 
     def readiness(self):
         """``/readyz``'s body: ``status`` is ``ok``, ``draining``, ``broker_down`` (only with

@@ -71,6 +71,7 @@ class ClientOrigin:
     ip: str  # the client's address (after trusted proxies)
     forwarded_for: str  # the X-Forwarded-For value to send upstream
     forwarded: tuple[str, ...]  # previous RFC 7239 Forwarded elements to keep (trusted peers only)
+    trusted_peer: bool = False  # the TCP peer is a trusted proxy (its X-Forwarded-* count)
 
 
 def client_origin(peer_ip: str, head: RequestHead, trusted: Collection[Network]) -> ClientOrigin:
@@ -89,7 +90,7 @@ def client_origin(peer_ip: str, head: RequestHead, trusted: Collection[Network])
             break
     forwarded_for = ", ".join(chain + [peer_ip])
     previous = tuple(value for value in head.get_all("forwarded"))
-    return ClientOrigin(client, forwarded_for, previous)
+    return ClientOrigin(client, forwarded_for, previous, trusted_peer=True)
 
 
 def _forwarded_node(ip: str) -> str:

@@ -66,16 +66,12 @@ class Gateway:
         self.reactor = clock
         self.flusher = IterationFlusher(clock)  # coalesced broadcast deliveries
         self.connections = {}
-        self._ws_factories = {}
-        self._chains = {}
-        self._listeners = {listener.name: listener for listener in config.listeners}
         self.stats = Stats()
         self.draining = False
         self.drained_routes = set()  # routes drained from the admin API
         # the pools' live state; a service (health checks) the GatewayService runs
-        self.upstreams = Upstreams(clock, health.checker_factory(clock), _addresses(config, clock))
-        self.upstreams.apply(config.pools, pool_health_tls(config))
-        _configure_broker(broker, config)
+        self.upstreams = Upstreams(clock, health.checker_factory(clock))
+        self.apply(config, router)
 
     def not_ready(self):
         """Why this process should be sent no new connections, or None when it should:
@@ -115,18 +111,22 @@ class Gateway:
         self._chains = {}
         self.upstreams.addresses = _addresses(config, self.clock)
         self.upstreams.apply(config.pools, pool_health_tls(config))
-        _configure_broker(self.broker, config)
+        # what each channel keeps (history, presence), for the broker and /channels
+        self.channel_settings = channel_settings(config)
+        configure = getattr(self.broker, "configure", None)  # a plugin's broker may not take it
+        if configure is not None:
+            configure(self.channel_settings)
 
     def new_conn_id(self):
         return secrets.token_hex(8)
 
-    def decide(self, head, listener, peer_ip=None):
+    def decide(self, head, listener, trusted_peer=False):
         """Route and validate an upgrade request; return the ``RouteMatch``.
 
         Synchronous and cheap (the policies run after it). Raises
         :class:`wsgate.http.HttpRefusal` with the contract's answer; anything
-        else a custom router raises becomes a generic 500. *peer_ip* is the
-        TCP peer: when it is one of the listener's ``trusted_proxies``, its
+        else a custom router raises becomes a generic 500. *trusted_peer*: the
+        TCP peer is one of the listener's ``trusted_proxies``, so its
         ``X-Forwarded-Host`` is the host the same-origin check compares with.
         """
         match = self.router.route(head.host, head.path, listener.name)
@@ -147,12 +147,10 @@ class Gateway:
         except http.HttpRefusal as refusal:
             refusal.route = route
             raise
-        if sameorigin.applies(match.route.allow_cross_origin, match.route.policies):
-            trusted = peer_ip is not None and bool(listener.trusted_proxies) and \
-                forwarding.is_trusted(peer_ip, listener.trusted_proxies)
-            if sameorigin.is_cross_origin(head, listener.is_tls, trusted):
-                raise http.HttpRefusal(403, "cross_origin", "Cross-origin WebSocket refused",
-                                       route=route)
+        if match.route.same_origin and \
+                sameorigin.is_cross_origin(head, listener.is_tls, trusted_peer):
+            raise http.HttpRefusal(403, "cross_origin", "Cross-origin WebSocket refused",
+                                   route=route)
         if len(self.connections) >= self.config.core.max_connections:
             raise http.HttpRefusal(503, "max_connections", "Too many connections, retry later",
                                    retry, route=route)
@@ -228,14 +226,6 @@ class Gateway:
         protocol = fastpath_autobahn.protocol_class(factory, self.config.core.fast_paths)()
         protocol.factory = factory
         return protocol
-
-
-def _configure_broker(broker, config):
-    """Tell the broadcast broker which channels keep history (a plugin's broker may not
-    take it)."""
-    configure = getattr(broker, "configure", None)
-    if configure is not None:
-        configure(channel_settings(config))
 
 
 def _addresses(config, reactor):
@@ -362,7 +352,7 @@ class HandshakeProtocol(Protocol):
             self.client = self.origin.ip  # the client behind a trusted proxy
         self.state = self.DECIDING
         try:
-            match = self.gateway.decide(head, self.listener, self._peer_ip)
+            match = self.gateway.decide(head, self.listener, self.origin.trusted_peer)
         except http.HttpRefusal as refusal:
             self._refuse(refusal)
         except Exception:

@@ -3,6 +3,7 @@ a config is wrong. Everything downstream reads these, never raw strings."""
 
 from dataclasses import dataclass, field
 
+from wsgate import sameorigin
 from wsgate.routing import HostPattern, PathPattern
 
 
@@ -112,6 +113,12 @@ class RouteSettings:
     max_message_size: int = None  # None: the listener's
     idle_timeout: float = None  # None: the listener's
     allow_cross_origin: bool = False  # no: cross-origin upgrades get 403 (wsgate.sameorigin)
+    # whether upgrades get the same-origin check (derived: see sameorigin.applies)
+    same_origin: bool = field(init=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "same_origin",
+                           sameorigin.applies(self.allow_cross_origin, self.policies))
 
 
 @dataclass(frozen=True)
