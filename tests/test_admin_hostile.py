@@ -7,6 +7,7 @@ queue's length is read from ``ss -ltn`` / ``ss -lx`` (Send-Q of a listening
 socket is its backlog on Linux).
 """
 
+import json
 import os
 import selectors
 import socket
@@ -16,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from harness import start_gateway
+from harness import admin_text, start_gateway
 from wsgate.admin import REQUEST_TIMEOUT
 
 MARGIN = 4.0
@@ -176,6 +177,46 @@ def test_admin_head_is_bounded_in_size_and_header_count(tmp_path):
                 while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
                     data += sock.recv(65536)
                 assert data.startswith(b"HTTP/1.1 200")
+    finally:
+        assert gw.stop() == 0
+
+
+HOSTILE_PATHS = [
+    # an id, a route, a pool server or a channel that is not UTF-8, huge, or oddly shaped
+    ("DELETE", "/connections/%ff", 404),
+    ("DELETE", "/connections/" + "i" * 12000, 404),
+    ("DELETE", "/connections/x?code=" + "9" * 4000, 400),
+    ("DELETE", "/connections/x?code=1e3", 400),
+    ("POST", "/drain/route/%ff", 404),
+    ("POST", "/drain/route/" + "r" * 12000, 404),
+    ("POST", "/drain/route/echo/extra", 404),
+    ("DELETE", "/drain/upstream/%ff/%fe", 404),
+    ("POST", "/drain/upstream/" + "p" * 6000 + "/" + "s" * 6000, 404),
+    ("GET", "/channels/%ff/history", 404),
+    ("GET", "/channels/room:" + "x" * 12000 + "/presence", 404),
+    ("GET", "/channels/history", 404),
+    ("GET", "/channels/kept:a/history?limit=" + "9" * 4000, 400),
+    ("GET", "/channels/kept:a/history?limit=1e3", 400),
+    ("GET", "/channels/kept:a/history?limit=-1", 400),
+    ("GET", "/channels/kept:a/history?since=%ff", 200),
+    ("GET", "/channels/kept:a/history?since=" + "z" * 12000, 200),
+]
+
+
+def test_admin_paths_with_hostile_ids_and_names_get_a_json_answer(tmp_path):
+    """Never a 500 (a non-UTF-8 connection id was one) and nothing critical logged: the
+    harness fails the stop on a logged traceback."""
+    gw = start_gateway(tmp_path, """
+        [route:kept]
+        path = /kept/{room}
+        broadcast = kept:{room}
+        history = 10
+        """, base=BASE, listeners=("main", "admin"))
+    try:
+        for method, path, expected in HOSTILE_PATHS:
+            status, body = admin_text(gw, method, path, "T0KEN")
+            assert status == expected, (method, path[:60], status, body[:200])
+            assert isinstance(json.loads(body), dict)
     finally:
         assert gw.stop() == 0
 

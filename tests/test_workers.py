@@ -85,6 +85,14 @@ def test_two_workers_share_the_port_broadcast_and_answer_as_one(tmp_path):
             listed = json.loads(body)["connections"]
             assert len(listed) == 30
             assert {entry["worker"] for entry in listed} == {0, 1}  # the kernel spread them
+            # subscribers added up over the workers; a channel's detail asked of one worker
+            status, body = await asyncio.to_thread(admin, gw, "GET", "/channels")
+            assert (status, json.loads(body)) == (
+                200, {"channels": [{"channel": "room:all", "subscribers": 30}]})
+            status, body = await asyncio.to_thread(admin, gw, "GET", "/channels/room:all/history")
+            assert (status, json.loads(body)["error"]) == (404, "this channel keeps no history")
+            status, body = await asyncio.to_thread(admin, gw, "GET", "/upstreams")
+            assert (status, json.loads(body)) == (200, {"pools": []})
             await clients[0].send("to everyone")
             for ws in clients[1:]:
                 assert await asyncio.wait_for(ws.recv(), 5) == "to everyone"

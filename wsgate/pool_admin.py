@@ -83,6 +83,19 @@ class _Pool:
         d = defer.DeferredList(calls, consumeErrors=True)
         return d.addCallback(lambda results: list(zip(indexes, results)))
 
+    @defer.inlineCallbacks
+    def call_first(self, method, path, timeout):
+        """``(status, body)`` from the first running worker (in order) that answers within
+        *timeout* seconds; None when none does."""
+        for index in self.indexes():
+            d = self.call(index, method, path)
+            d.addTimeout(timeout, reactor, onTimeoutCancel=_no_answer)
+            try:
+                return (yield d)
+            except Exception:
+                continue
+        return None
+
 
 def _no_answer(result, timeout):
     """A call cancelled by its timeout fails with ``defer.TimeoutError`` (the Agent's own
@@ -247,7 +260,7 @@ class _Connections(_Base):
         if not self.authorized(request):
             return self.deny(request)
         path = request.uri  # /connections/ID?code=...
-        conn_id = request.postpath[0].decode() if request.postpath else ""
+        conn_id = request.postpath[0].decode("utf-8", "replace") if request.postpath else ""
 
         @defer.inlineCallbacks
         def kick():
@@ -371,23 +384,26 @@ class _Upstreams(_Base):
 class _Channels(_Base):
     """``/channels``: every worker's local subscriber counts added up per channel;
     ``/channels/{channel}/presence`` and ``/history`` come from the shared broker
-    (workers need Redis for broadcast), so the first worker that answers answers."""
+    (workers need Redis for broadcast), so one worker is asked: the first that answers."""
 
     isLeaf = True
 
     def render_GET(self, request):
         if not self.authorized(request):
             return self.deny(request)
-        listing = not [p for p in request.postpath if p]
+        if any(request.postpath):
+            def forward(answer):
+                if answer is None:
+                    _finish(request, 503, {"error": "no worker answered"})
+                else:
+                    _finish(request, answer[0], json.loads(answer[1]))
+            self.admin.call_first(b"GET", request.uri, PROBE_TIMEOUT).addCallback(forward)
+            return server.NOT_DONE_YET
 
         def combine(results):
             answers = [value for _, (ok, value) in results if ok]
             if not answers:
                 _finish(request, 503, {"error": "no worker answered"})
-                return
-            if not listing:
-                status, body = answers[0]
-                _finish(request, status, json.loads(body))
                 return
             counts = {}
             for status, body in answers:
