@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import time
-import urllib.request
 
 import pytest
 from twisted.internet.task import Clock
@@ -22,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from harness import (
     RedisServer,
+    admin_text,
     metric,
     parse_response,
     raw_request,
@@ -61,18 +61,9 @@ def base(core=""):
     return BASE.format(core=core)
 
 
-def get(port, path):
-    """``(status, body text)`` of a plain GET without a token."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def probe(gw, path):
-    """``(status, JSON body)`` of an admin probe."""
-    status, body = get(gw.port("admin"), path)
+    """``(status, JSON body)`` of an admin probe (no token)."""
+    status, body = admin_text(gw, "GET", path)
     return status, json.loads(body)
 
 
@@ -80,6 +71,15 @@ def lb_check(port, path="/lb", request=None):
     """What a load balancer sees: ``(status, headers, body)`` of a plain GET of *path*."""
     request = request or f"GET {path} HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n".encode()
     return parse_response(raw_request(port, request))
+
+
+def refusing(port):
+    """Whether *port* refuses connections (its listener closed)."""
+    try:
+        lb_check(port)
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def wait_for(check, timeout=15, what="the condition"):
@@ -109,7 +109,7 @@ def test_livez_and_readyz_answer_without_a_token(tmp_path):
         assert probe(gw, "/livez") == (200, {"status": "ok"})
         assert probe(gw, "/readyz") == (200, {"status": "ok", "broker": "none"})
         assert probe(gw, "/healthz")[0] == 200  # the detail is still there
-        status, body = get(gw.port("admin"), "/connections")
+        status, body = admin_text(gw, "GET", "/connections")
         assert status == 401  # the token still guards the rest
     finally:
         assert gw.stop() == 0
@@ -136,7 +136,7 @@ def test_health_path_answers_a_plain_get_before_routing(tmp_path):
         assert lb_check(port, "/echo")[0] == 426
         assert parse_response(raw_request(port, upgrade_request("/echo")))[0] == 101
         time.sleep(0.3)
-        status, text = get(gw.port("admin"), "/metrics")
+        status, text = admin_text(gw, "GET", "/metrics")
         # probes are not rejected upgrades: only /lb/x (404) and /echo (426) count
         assert metric(text, "wsgate_handshakes_rejected_total",
                       route="", status="404", reason="no_route") == 1
@@ -199,13 +199,7 @@ def test_drain_delay_answers_503_on_open_listeners_then_drains(tmp_path):
         assert await ws.recv() == "still here"
 
         # then the listener closes (connect refused) and the drain proper begins
-        def refused():
-            try:
-                lb_check(port)
-            except ConnectionRefusedError:
-                return True
-            return False
-        await asyncio.to_thread(wait_for, refused, what="the listener to close")
+        await asyncio.to_thread(wait_for, lambda: refusing(port), what="the listener to close")
         assert time.monotonic() - signalled >= DRAIN_DELAY - 0.2
         assert await close_code(ws) == 1001
     run(scenario())
@@ -322,13 +316,8 @@ def test_a_worker_pool_answers_probes_for_all_workers_and_drains_after_the_delay
                 await ws.send(f"still {i}")
                 assert await ws.recv() == f"still {i}"
 
-            def refused():
-                try:
-                    lb_check(port)
-                except ConnectionRefusedError:
-                    return True
-                return False
-            await asyncio.to_thread(wait_for, refused, what="the shared socket to close")
+            await asyncio.to_thread(wait_for, lambda: refusing(port),
+                                    what="the shared socket to close")
             assert time.monotonic() - signalled >= DRAIN_DELAY - 0.2
             assert [await close_code(ws) for ws in clients] == [1001] * 6
         run(scenario())

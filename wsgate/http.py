@@ -112,12 +112,6 @@ class RequestHead:
         return "websocket" in self.tokens("upgrade")
 
 
-def find_head_end(buffer: bytes) -> int:
-    """Index just past the blank line ending the head, or -1 if not there yet."""
-    end = buffer.find(b"\r\n\r\n")
-    return -1 if end < 0 else end + 4
-
-
 def parse_head(raw: bytes) -> RequestHead:
     """Parse a complete request head (bytes up to and including the blank line).
 
