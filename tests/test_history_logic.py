@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from wsgate.config import ConfigError, load
 from wsgate.pubsub import Message, json_delivery
 from wsgate.pubsub.history import (
+    NOTHING_YET,
     NO_POLICY,
     ChannelPolicy,
     ChannelSettings,
@@ -53,12 +54,15 @@ def ep(h, channel="room:a"):
 
 def test_positions_are_epoch_and_a_counter_and_messages_carry_them():
     h, _ = history()
-    e = ep(h)
-    assert e.startswith(h.epoch) and h.position("room:a") == f"{e}:0"  # before any message
+    assert h.position("room:a") == NOTHING_YET  # before any message
     positions = [h.append("room:a", text(n)) for n in range(1, 4)]
+    e = ep(h)
+    assert e.startswith(h.epoch)
     assert positions == [f"{e}:{n}" for n in (1, 2, 3)]
     assert h.position("room:a") == f"{e}:3"
-    assert seq(h.position("room:b")) == 0  # each channel counts its own,
+    assert h.since("room:a", NOTHING_YET).ok  # "seen nothing" gets everything
+    h.append("room:b", text(1))
+    assert seq(h.position("room:b")) == 1  # each channel counts its own,
     assert ep(h, "room:b") != e  # in an epoch of its own
     recovery = h.since("room:a", None)
     assert recovery.ok and recovery.position == f"{e}:3"
@@ -102,8 +106,8 @@ def test_limit_cuts_the_oldest_first():
 
 def test_history_ttl_forgets_old_messages():
     h, clock = history(ChannelPolicy(history=100, history_ttl=10))
-    e = ep(h)
     h.append("room:a", text(1))  # t = 0
+    e = ep(h)
     clock.advance(5)
     h.append("room:a", text(2))  # t = 5
     clock.advance(6)  # t = 11: m1 is older than 10 s
@@ -513,3 +517,20 @@ def test_the_subscribed_message_lists_at_most_a_thousand_members():
     assert len(subscribed["members"]) == MEMBERS_IN_SUBSCRIBED
     assert subscribed["members_truncated"] is True
     assert subscribed["members"][0]["id"] == "c0"  # the oldest first
+
+
+def test_reading_positions_of_made_up_channels_makes_no_history():
+    """Subscribers name channels (``/chat/{room}``) and the admin API reads any: reading
+    a position or recovering makes no history, so a client naming a million rooms
+    neither grows the store nor pushes real channels out of max_history_channels."""
+    h, _ = history(ChannelPolicy(history=10), max_channels=2)
+    h.append("room:real", text(1))
+    real = h.position("room:real")
+    for n in range(5000):
+        assert h.position(f"room:fake{n}") == NOTHING_YET
+        assert h.since(f"room:fake{n}", NOTHING_YET).ok
+        assert not h.since(f"room:fake{n}", real).ok  # another history's position
+    assert h.channels() == 1
+    assert payloads(h.since("room:real", NOTHING_YET)) == ["m1"]
+    h.append("room:late", text(1))  # recorded after its subscriber's "nothing yet"
+    assert payloads(h.since("room:late", NOTHING_YET)) == ["m1"]

@@ -129,6 +129,21 @@ def check_routes(routes: list[tuple[str, str, ChannelPolicy]]) -> tuple[str, str
 
 # ------------------------------------------------------------------ positions
 
+# The position of a channel whose history holds nothing yet. Reading a position makes no
+# history (a client may subscribe to any channel its route allows), so such a position
+# has no epoch of its own: a position with SEQ 0 means "seen nothing", whatever its epoch,
+# and is served from the start of the history while it still holds message 1.
+NEW_EPOCH = "new"
+NOTHING_YET = f"{NEW_EPOCH}:0"
+
+
+def accepts(parsed: tuple[str, int] | None, epoch: str, last: int) -> bool:
+    """Whether a history of *epoch* whose last message is *last* can serve the parsed
+    position *parsed* (None: not a position): its own epoch, or SEQ 0 of any."""
+    return parsed is not None and parsed[1] <= last and \
+        (parsed[0] == epoch or parsed[1] == 0)
+
+
 
 def format_position(epoch: str, seq: int) -> str:
     return f"{epoch}:{seq}"
@@ -199,24 +214,27 @@ class MemoryHistory:
         return position
 
     def position(self, channel: str) -> str | None:
-        """The channel's current position (its history is made if it had none, so
-        that the position stays valid once messages come)."""
+        """The channel's current position; ``new:0`` before anything was recorded (a
+        read makes no history: subscribers may name any channel)."""
         policy = self.settings(channel)
         if not policy.keeps_history:
             return None
-        state = self._state(channel, policy)
-        return format_position(state[0], state[1])
+        state = self._channels.get(channel)
+        return format_position(state[0], state[1]) if state else NOTHING_YET
 
     def since(self, channel: str, since: str | None, limit: int = 0) -> Recovery:
         """The messages after *since* (all kept ones when None)."""
         policy = self.settings(channel)
         if not policy.keeps_history:
             return Recovery(None, False)
-        state = self._state(channel, policy)
+        state = self._channels.get(channel)
+        if state is None:  # nothing recorded, or forgotten: only "nothing seen" is served
+            parsed = parse_position(since) if since is not None else (NEW_EPOCH, 0)
+            return Recovery(NOTHING_YET, parsed is not None and parsed[1] == 0)
         epoch, last = state[0], state[1]
         position = format_position(epoch, last)
         parsed = parse_position(since) if since is not None else (epoch, 0)
-        if parsed is None or parsed[0] != epoch or parsed[1] > last:
+        if not accepts(parsed, epoch, last):
             return Recovery(position, False)
         entries = self._fresh(state, policy)
         after = [(seq, message) for seq, message in entries if seq > parsed[1]]

@@ -24,7 +24,7 @@ History (channels whose route sets ``history``/``history_ttl``): a publish is
 one Lua script (:data:`PUBLISH_SCRIPT`) that appends the message to the
 channel's stream (``<prefix>hist:<channel>``, entry ID ``SEQ-1``, trimmed
 with ``MAXLEN ~ history`` and by age), counts it in ``<prefix>hmeta:<channel>``
-(``epoch``, ``seq``), bounds the number of channels with history
+(``epoch``, ``seq``: they outlive messages the ttl expired), bounds the number of channels with history
 (``<prefix>hist-channels``, ``max_history_channels``) and PUBLISHes it with its
 position, so that recording and delivery cannot part. It runs on the
 publishing connection (txredisapi's ``eval``), never the subscribing one. A
@@ -52,8 +52,10 @@ from wsgate.interfaces import IBroker
 from wsgate.pubsub import LocalFanout, Message
 from wsgate.pubsub.history import (
     HISTORY_TTL_ONLY_MAX,
+    NEW_EPOCH,
     ChannelSettings,
     Recovery,
+    accepts,
     format_position,
     parse_position,
 )
@@ -254,7 +256,6 @@ if ttl > 0 then
     redis.call('XDEL', KEYS[1], first[1][1])
   end
   redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 redis.call('ZADD', KEYS[3], now, ARGV[8])
 local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7])
@@ -271,16 +272,10 @@ local receivers = redis.call('PUBLISH', KEYS[4], ARGV[1] .. ' ' .. pos .. '\\n' 
 return {receivers, pos}
 """
 
-# KEYS: stream, meta. ARGV: first ID to read, a new epoch, ttl ms (0: none).
-# The channel's epoch is made here too, so that a subscriber's position exists
-# before the first publish.
+# KEYS: stream, meta. ARGV: first ID to read. It writes nothing (subscribers may name any
+# channel): a channel without history answers epoch '' and seq 0.
 READ_SCRIPT = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('HSET', KEYS[2], 'epoch', epoch)
-  if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-end
+local epoch = redis.call('HGET', KEYS[2], 'epoch') or ''
 local seq = redis.call('HGET', KEYS[2], 'seq') or '0'
 local entries = {}
 if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+') end
@@ -327,7 +322,7 @@ class _SharedRead:
                 waiter.errback(result)
             return None
         self._raw = result
-        self.epoch, self.last = _text(result[0]), int(result[1])
+        self.epoch, self.last = _text(result[0]) or NEW_EPOCH, int(result[1])
         for waiter in waiters:
             waiter.callback(self)
         return None
@@ -514,12 +509,10 @@ class RedisBroker(MultiService):
             first = ""
         else:
             first = f"{parsed[1] + 1 if parsed else 0}-0"
-        ttl_ms = int(policy.history_ttl * 1000)
         needed = parsed[1] + 1 if parsed else 0
         shared = self._reads.get(channel) if first else None
         if shared is None or shared.first > needed:
-            d = protocol.eval(READ_SCRIPT, self._history_keys(channel),
-                              [first, secrets.token_hex(4), ttl_ms])
+            d = protocol.eval(READ_SCRIPT, self._history_keys(channel), [first])
             shared = _SharedRead(needed, d)
             if first:
                 self._reads[channel] = shared
@@ -544,7 +537,7 @@ class RedisBroker(MultiService):
         position = format_position(epoch, last)
         if not read:
             return Recovery(position, True)
-        if since is not None and (parsed is None or parsed[0] != epoch or parsed[1] > last):
+        if since is not None and not accepts(parsed, epoch, last):
             return Recovery(position, False)
         cutoff = (self.reactor.seconds() - policy.history_ttl) * 1000 \
             if policy.history_ttl else None
