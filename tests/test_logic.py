@@ -203,9 +203,12 @@ def test_sessions_subscribers_and_brokers_provide_their_interfaces():
 
     verifyObject(IPolicySession, _Slot({}, "k"))
     verifyObject(IPolicySession, MessageLimit(Gcra(1.0, 1, Clock()), "close"))
-    verifyObject(IBroker, MemoryBroker())
-    verifyObject(IBroker, RedisBroker(
-        BrokerSettings("r", "redis", url="redis://127.0.0.1:1/0"), Clock()))
+    from wsgate.interfaces import IChannelHistory
+
+    for broker in (MemoryBroker(), RedisBroker(
+            BrokerSettings("r", "redis", url="redis://127.0.0.1:1/0"), Clock())):
+        verifyObject(IBroker, broker)
+        verifyObject(IChannelHistory, broker)
     session = BroadcastSubscriber(MemoryBroker(), "c", BroadcastTarget("c"), "node", Stats(),
                                   "r")
     session.conn_id = "x"

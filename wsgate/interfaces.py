@@ -82,6 +82,30 @@ class IBroker(Interface):
         """
 
 
+class IChannelHistory(IBroker):
+    """A broker that records channels' history and knows their members (both built-in
+    brokers; broadcast routes with ``history``, ``presence`` or the ``wsgate.v1.json``
+    subprotocol need it). Positions are ``EPOCH:SEQ`` (:mod:`wsgate.pubsub.history`).
+    A broker may also have ``ready(channel)``: a Deferred that fires once a new
+    subscription of *channel* is in force, so that a history read after it misses
+    nothing (the Redis broker's SUBSCRIBE is asynchronous)."""
+
+    presence = Attribute("The channel members: ``join(channel, member)``, "
+                         "``leave(channel, conn_id)``, ``members(channel, limit)``.")
+
+    def configure(settings: object) -> None:
+        """Use *settings* (a :class:`wsgate.pubsub.history.ChannelSettings`) to know what
+        each channel keeps; called at start and on every reload."""
+
+    def position(channel: str) -> Deferred[str | None]:
+        """The channel's current position (None: it keeps no history). Makes no history."""
+
+    def recover(channel: str, since: str | None, limit: int = 0) -> Deferred[object]:
+        """A :class:`wsgate.pubsub.history.Recovery` of what followed *since* (None: all
+        the channel keeps), at most *limit* messages (0: all). Fails while the store is
+        unreachable. Makes no history."""
+
+
 class IPolicy(Interface):
     """A check on the upgrade request, run before any 101 and before an upstream is contacted.
 

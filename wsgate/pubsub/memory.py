@@ -5,13 +5,13 @@ import dataclasses
 from twisted.internet import defer
 from zope.interface import implementer
 
-from wsgate.interfaces import IBroker
+from wsgate.interfaces import IChannelHistory
 from wsgate.pubsub import LocalFanout
 from wsgate.pubsub.history import ChannelSettings, MemoryHistory
 from wsgate.pubsub.presence import MemoryPresence
 
 
-@implementer(IBroker)
+@implementer(IChannelHistory)
 class MemoryBroker:
     """Publishing records the message (channels with history) and delivers it
     synchronously to this process's subscribers."""

@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate import observe
-from wsgate.interfaces import IBroker
+from wsgate.interfaces import IChannelHistory
 from wsgate.pubsub import LocalFanout, Message
 from wsgate.pubsub.history import (
     HISTORY_TTL_ONLY_MAX,
@@ -341,7 +341,7 @@ class _SharedRead:
         return self._entries
 
 
-@implementer(IBroker)
+@implementer(IChannelHistory)
 class RedisBroker(MultiService):
     """See the module docstring. A service: start it to connect."""
 
