@@ -294,6 +294,10 @@ def test_a_worker_pool_answers_probes_for_all_workers_and_drains_after_the_delay
             assert sorted(w["status"] for w in body["workers"]) == ["ok", "unresponsive"]
             status, body = probe(gw, "/readyz")
             assert (status, body["status"]) == (503, "unreachable")
+            # a kick, asked of every worker in turn, does not wait for the hung one for ever
+            started = time.monotonic()
+            assert admin_text(gw, "DELETE", "/connections/nosuch", "T0KEN")[0] == 404
+            assert time.monotonic() - started < 9
         finally:
             os.kill(hung, signal.SIGCONT)
         assert probe(gw, "/livez")[0] == 200 and probe(gw, "/readyz")[0] == 200

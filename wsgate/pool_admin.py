@@ -32,6 +32,7 @@ from zope.interface import implementer
 from wsgate.admin import _Base, _json, _LimitedRequest
 
 PROBE_TIMEOUT = 2.0  # seconds a worker has to answer /livez or /readyz
+WORKER_CALL_TIMEOUT = 5.0  # seconds a worker has to answer a kick, a publish or a drain
 WORKER_START_GRACE = 10.0  # seconds a new worker's control socket may not answer yet
 
 
@@ -265,9 +266,11 @@ class _Connections(_Base):
         @defer.inlineCallbacks
         def kick():
             for index in self.admin.indexes():
+                d = self.admin.call(index, b"DELETE", path)
+                d.addTimeout(WORKER_CALL_TIMEOUT, reactor, onTimeoutCancel=_no_answer)
                 try:
-                    status, body = yield self.admin.call(index, b"DELETE", path)
-                except Exception:
+                    status, body = yield d
+                except Exception:  # unreachable or hung: the others may have it
                     continue
                 if status != 404:
                     _finish(request, status, {**json.loads(body), "worker": index})
@@ -290,6 +293,8 @@ class _Publish(_Base):
             return _json(request, 503, {"error": "no worker is running"})
         headers = {b"Content-Type": [request.getHeader(b"content-type") or b"application/octet-stream"]}
         d = self.admin.call(indexes[0], b"POST", request.uri, request.content.read(), headers)
+        # not tried on another worker: a slow publish may still have gone out
+        d.addTimeout(WORKER_CALL_TIMEOUT, reactor, onTimeoutCancel=_no_answer)
         d.addCallbacks(lambda result: _finish(request, result[0], json.loads(result[1])),
                        lambda failure: _finish(request, 503, {"error": "worker unreachable"}))
         return server.NOT_DONE_YET
@@ -316,7 +321,7 @@ class _Drain(_Base):
                 if key in body:
                     body[key] = sum(json.loads(a[1]).get(key, 0) for a in answers)
             _finish(request, status, body)
-        self.admin.call_all(method, request.uri).addCallback(combine)
+        self.admin.call_all(method, request.uri, WORKER_CALL_TIMEOUT).addCallback(combine)
         return server.NOT_DONE_YET
 
     def render_POST(self, request):
