@@ -727,19 +727,26 @@ upstream = @hdr
     k2, k3, k4 = (f"127.0.0.{i}:{port}" for i in (2, 3, 4))
     nodes = {k2: n2, k3: n3, k4: n4}
 
-    def opened():
-        """connection id → the server key whose upstream saw it open."""
-        found = {}
-        for name, node in nodes.items():
-            with node._cond:
-                for event in node.events:
-                    if event.get("event") == "open" and "id=" in event.get("url", ""):
-                        found[event["url"].split("id=")[1]] = name
-        return found
+    def opened(members=()):
+        """connection id → the server key whose upstream saw it open, once it has the
+        connected *members* (an upstream prints its open event as it answers: the test
+        may read it a little later)."""
+        wanted = [m.ids[-1] for m in members if m.connected]
+        deadline = time.monotonic() + 10
+        while True:
+            found = {}
+            for name, node in nodes.items():
+                with node._cond:
+                    for event in node.events:
+                        if event.get("event") == "open" and "id=" in event.get("url", ""):
+                            found[event["url"].split("id=")[1]] = name
+            if all(i in found for i in wanted) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     def where(members):
         """server key → the members connected to it now, from the upstreams' own events."""
-        ids = opened()
+        ids = opened(members)
         return dict(collections.Counter(ids[m.ids[-1]] for m in members if m.connected))
 
     def resolved(addresses):
@@ -768,7 +775,7 @@ upstream = @hdr
             three = where(members)
             closes_three = len(fleet.closes) - early
             # an address leaves: its clients are drained, then the server is forgotten
-            ids = opened()
+            ids = opened(members)
             on_2 = [m for m in members if m.connected and ids[m.ids[-1]] == k2]
             closes_before = {m.index: len(m.closes) for m in members}
             mark = len(n2.events)
